@@ -1,0 +1,259 @@
+"""`esp publish`: comments from JSONL or CSV (a file, gzipped or not, or stdin) onto the comments topic.
+
+Rows are validated with the comment contract before anything is sent; a row that breaks it is
+reported with its line number and never published. Publishing is batched by the client library,
+bounded by its flow control, and counted as futures complete, so the summary is what Pub/Sub
+confirmed, not what was handed over.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from esp.contracts import Comment, InvalidComment, comment_from_fields
+from esp.errors import ConfigError, EspError
+from esp.pubsub import check_reachable, publisher_client, translate_errors
+from esp.settings import CommentSettings, PubSubSettings
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "jsonl", "csv")
+# Tried in order when --text-column is not given: ESP's own name, then Jigsaw's.
+TEXT_COLUMN_FALLBACKS = ("text", "comment_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    line: int
+    comment: Comment | None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class PublishSummary:
+    published: int = 0
+    rejected: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    rejections: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected == 0 and self.failed == 0
+
+    def line(self) -> str:
+        rate = self.published / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"published {self.published}, rejected {self.rejected}, failed {self.failed} "
+            f"in {self.seconds:.1f}s ({rate:,.0f} messages/s)"
+        )
+
+
+def detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower().removesuffix(".gz")
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".jsonl", ".ndjson", ".json")) or path == "-":
+        return "jsonl"
+    raise ConfigError(f"cannot tell the format of {path!r} from its name; pass --format jsonl or --format csv")
+
+
+def open_text(path: str) -> IO[str]:
+    """Opens a path (or '-' for stdin) as UTF-8 text, transparently gunzipping *.gz."""
+    if path == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict", newline="")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"no such file: {path}")
+    if path.endswith(".gz"):
+        return gzip.open(p, "rt", encoding="utf-8", newline="")
+    return open(p, encoding="utf-8", newline="")
+
+
+def read_rows(
+    stream: IO[str], fmt: str, *, id_column: str, text_column: str | None, max_body_bytes: int
+) -> Iterator[Row]:
+    """Yields each input row as a valid Comment or with the reason it breaks the contract."""
+    if fmt == "jsonl":
+        yield from _read_jsonl(stream, id_column, text_column or "text", max_body_bytes)
+    else:
+        yield from _read_csv(stream, id_column, text_column, max_body_bytes)
+
+
+def _validated(line: int, cid: Any, text: Any, max_body_bytes: int) -> Row:
+    try:
+        return Row(line, comment_from_fields(cid, text, max_body_bytes=max_body_bytes))
+    except InvalidComment as exc:
+        return Row(line, None, f"{exc.error_type}: {exc.reason}")
+
+
+def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes: int) -> Iterator[Row]:
+    lineno = 0
+    while True:
+        try:
+            raw = stream.readline()
+        except UnicodeDecodeError as exc:
+            # A decoding error poisons the rest of the stream's position: stop with a clear reason.
+            yield Row(lineno + 1, None, f"invalid_utf8: line is not valid UTF-8 ({exc.reason})")
+            return
+        if not raw:
+            return
+        lineno += 1
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            yield Row(lineno, None, f"invalid_json: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(obj, dict):
+            yield Row(lineno, None, f"not_an_object: expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield _validated(lineno, obj.get(id_field), obj.get(text_field), max_body_bytes)
+
+
+def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body_bytes: int) -> Iterator[Row]:
+    reader = csv.reader(stream)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise EspError(f"cannot read the CSV header: {exc}") from None
+    if text_column is None:
+        text_column = next((c for c in TEXT_COLUMN_FALLBACKS if c in header), TEXT_COLUMN_FALLBACKS[0])
+    missing = [c for c in (id_column, text_column) if c not in header]
+    if missing:
+        raise ConfigError(
+            f"CSV header has no column {', '.join(map(repr, missing))} (columns: {', '.join(header)}); "
+            "use --id-column/--text-column"
+        )
+    id_i, text_i = header.index(id_column), header.index(text_column)
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: report where the row starts
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            yield Row(start, None, f"invalid_utf8: row is not valid UTF-8 ({exc.reason})")
+            return
+        except csv.Error as exc:
+            yield Row(start, None, f"invalid_csv: {exc}")
+            continue
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            yield Row(start, None, f"invalid_csv: {len(fields)} fields, the header has {len(header)}")
+            continue
+        yield _validated(start, fields[id_i], fields[text_i], max_body_bytes)
+
+
+def publish_file(
+    path: str,
+    *,
+    pubsub: PubSubSettings,
+    comments: CommentSettings,
+    fmt: str = "auto",
+    id_column: str = "id",
+    text_column: str | None = None,
+    attributes: dict[str, str] | None = None,
+    max_outstanding_messages: int = 10_000,
+    max_outstanding_bytes: int = 64 * 1024 * 1024,
+    progress: bool = True,
+) -> PublishSummary:
+    """Publishes every valid row of `path` to the comments topic and reports what happened."""
+    from google.cloud.pubsub_v1 import types
+
+    fmt = detect_format(path, fmt)
+    stream = open_text(path)  # before connecting: a wrong path is the likelier mistake
+    try:
+        check_reachable(pubsub)
+    except EspError:
+        stream.close()
+        raise
+    summary = PublishSummary()
+    lock = threading.Lock()
+    topic = pubsub.topic_path(pubsub.comments_topic)
+    client = publisher_client(
+        pubsub,
+        # Larger batches than the defaults (100 messages / 10 ms): a file is a bulk load.
+        batch_settings=types.BatchSettings(max_messages=1000, max_bytes=4 * 1024 * 1024, max_latency=0.05),
+        publisher_options=types.PublisherOptions(
+            flow_control=types.PublishFlowControl(
+                message_limit=max_outstanding_messages,
+                byte_limit=max_outstanding_bytes,
+                limit_exceeded_behavior=types.LimitExceededBehavior.BLOCK,
+            )
+        ),
+    )
+    bar = _progress_bar(path, enabled=progress)
+
+    def done(future: Any, line: int) -> None:
+        exc = future.exception()
+        with lock:
+            if exc is None:
+                summary.published += 1
+            else:
+                summary.failed += 1
+                if len(summary.failures) < 20:
+                    summary.failures.append(f"line {line}: {exc}")
+        bar.update(1)
+
+    started = time.monotonic()
+    futures = []
+    try:
+        with stream:
+            for row in read_rows(
+                stream, fmt, id_column=id_column, text_column=text_column, max_body_bytes=comments.max_body_bytes
+            ):
+                if row.comment is None:
+                    summary.rejected += 1
+                    summary.rejections.append((row.line, row.error or ""))
+                    bar.update(1)
+                    continue
+                future = client.publish(topic, row.comment.to_json_bytes(), **(attributes or {}))
+                future.add_done_callback(lambda f, line=row.line: done(f, line))
+                futures.append(future)
+        with translate_errors(pubsub, f"publishing to {pubsub.comments_topic}"):
+            for future in futures:
+                # Waits for Pub/Sub's answer; errors were already counted by the callback.
+                try:
+                    future.result(timeout=pubsub.pubsub_timeout_s + 60)
+                except Exception:  # counted in done(); the loop only waits
+                    pass
+    finally:
+        client.stop()
+        bar.close()
+        summary.seconds = time.monotonic() - started
+    return summary
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(path: str, *, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(desc=f"publishing {Path(path).name if path != '-' else 'stdin'}", unit=" msgs", file=sys.stderr)
