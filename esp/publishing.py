@@ -73,15 +73,29 @@ def detect_format(path: str, fmt: str) -> str:
 
 
 def open_text(path: str) -> IO[str]:
-    """Opens a path (or '-' for stdin) as UTF-8 text, transparently gunzipping *.gz."""
+    """Opens a path (or '-' for stdin) as UTF-8 text, transparently gunzipping *.gz.
+
+    Invalid bytes are kept as surrogate escapes rather than raised while decoding a whole chunk,
+    so the one bad row can be rejected with its own line number (`_utf8_error`).
+    """
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no such file: {path}")
     if path.endswith(".gz"):
-        return gzip.open(p, "rt", encoding="utf-8", newline="")
-    return open(p, encoding="utf-8", newline="")
+        return gzip.open(p, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    return open(p, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def _utf8_error(*values: str) -> str | None:
+    """The reason when a decoded value still holds surrogate escapes, i.e. came from invalid UTF-8."""
+    for value in values:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"invalid_utf8: not valid UTF-8 at character {exc.start + 1}"
+    return None
 
 
 def read_rows(
@@ -102,18 +116,12 @@ def _validated(line: int, cid: Any, text: Any, max_body_bytes: int) -> Row:
 
 
 def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes: int) -> Iterator[Row]:
-    lineno = 0
-    while True:
-        try:
-            raw = stream.readline()
-        except UnicodeDecodeError as exc:
-            # A decoding error poisons the rest of the stream's position: stop with a clear reason.
-            yield Row(lineno + 1, None, f"invalid_utf8: line is not valid UTF-8 ({exc.reason})")
-            return
-        if not raw:
-            return
-        lineno += 1
+    for lineno, raw in enumerate(stream, start=1):
         if not raw.strip():
+            continue
+        bad_utf8 = _utf8_error(raw)
+        if bad_utf8:
+            yield Row(lineno, None, bad_utf8)
             continue
         try:
             obj = json.loads(raw)
@@ -132,7 +140,7 @@ def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body
         header = next(reader)
     except StopIteration:
         return
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except csv.Error as exc:
         raise EspError(f"cannot read the CSV header: {exc}") from None
     if text_column is None:
         text_column = next((c for c in TEXT_COLUMN_FALLBACKS if c in header), TEXT_COLUMN_FALLBACKS[0])
@@ -149,9 +157,6 @@ def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body
             fields = next(reader)
         except StopIteration:
             return
-        except UnicodeDecodeError as exc:
-            yield Row(start, None, f"invalid_utf8: row is not valid UTF-8 ({exc.reason})")
-            return
         except csv.Error as exc:
             yield Row(start, None, f"invalid_csv: {exc}")
             continue
@@ -159,6 +164,10 @@ def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body
             continue
         if len(fields) != len(header):
             yield Row(start, None, f"invalid_csv: {len(fields)} fields, the header has {len(header)}")
+            continue
+        bad_utf8 = _utf8_error(fields[id_i], fields[text_i])
+        if bad_utf8:
+            yield Row(start, None, bad_utf8)
             continue
         yield _validated(start, fields[id_i], fields[text_i], max_body_bytes)
 
