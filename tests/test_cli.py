@@ -122,3 +122,9 @@ def test_readme_configuration_table_is_complete() -> None:
     declared = {s.env for group in ALL_GROUPS for s in describe(group)}
     missing = sorted(declared - documented)
     assert not missing, f"README lacks {missing}: regenerate the table with `esp config --markdown`"
+
+
+def test_command_options_read_their_derived_variable() -> None:
+    result = _esp("config", env_extra={"ESP_CONFIG_AS_JSON": "1"})
+    assert result.returncode == 0
+    assert result.stdout.lstrip().startswith("[")

@@ -10,14 +10,46 @@ import click
 from esp.settings import ALL_GROUPS, describe
 
 
+def command_options() -> list[tuple[str, str, str, str]]:
+    """(env var, command, option, help) for each command option that is not a shared setting.
+
+    Such options read click's derived variable, ESP_<COMMAND>_<SUBCOMMAND>_<OPTION>.
+    """
+    from esp.cli.main import cli
+
+    settings_envs = {s.env for group in ALL_GROUPS for s in describe(group)}
+    out = []
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in sorted(cmd.commands.items()):
+                walk(sub, [*path, name])
+            return
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.hidden or param.envvar in settings_envs:
+                continue
+            if param.envvar:
+                env = param.envvar if isinstance(param.envvar, str) else param.envvar[0]
+            else:
+                env = "_".join(["ESP", *path, param.name or ""]).upper().replace("-", "_")
+            out.append((env, "esp " + " ".join(path), param.opts[0], param.help or ""))
+
+    walk(cli, [])
+    return out
+
+
 def settings_table_markdown() -> str:
-    """The README's configuration table, generated from the settings declarations."""
+    """The README's configuration tables, generated from the settings and command declarations."""
     rows = ["| env var | option | default | meaning |", "|---|---|---|---|"]
     for group in ALL_GROUPS:
         for s in describe(group):
             default = "" if s.default is None else f"`{s.default}`"
             choices = f" One of: {', '.join(s.choices)}." if s.choices else ""
             rows.append(f"| `{s.env}` | `{s.option}` | {default} | {s.help}{choices} |")
+    rows += ["", "Options of single commands read a variable named after the command:", ""]
+    rows += ["| env var | command | option | meaning |", "|---|---|---|---|"]
+    for env, command, option, help_text in command_options():
+        rows.append(f"| `{env}` | `{command}` | `{option}` | {help_text} |")
     return "\n".join(rows)
 
 
@@ -58,3 +90,5 @@ def config(markdown: bool, as_json: bool, update_readme: Path | None) -> None:
         return
     for s in infos:
         click.echo(f"{s.env:<34} {s.option:<32} default={s.default!s:<22} {s.help}")
+    for env, command, option, help_text in command_options():
+        click.echo(f"{env:<34} {command + ' ' + option:<55} {help_text}")

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "config": "esp.cli.config_cmd:config",
     "pubsub": "esp.cli.pubsub_cmd:pubsub",
     "publish": "esp.cli.publish_cmd:publish",
+    "dead-letters": "esp.cli.dead_letters_cmd:dead_letters",
 }
 
 
@@ -51,7 +52,17 @@ class EspGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=EspGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# Options that are not settings (e.g. `esp publish --id-column`) still read the environment, under
+# click's derived name: ESP_<COMMAND>_<SUBCOMMAND>_<OPTION>, e.g. ESP_PUBLISH_ID_COLUMN.
+CONTEXT_SETTINGS = {
+    "help_option_names": ["-h", "--help"],
+    "max_content_width": 110,
+    "auto_envvar_prefix": "ESP",
+    "show_default": True,
+}
+
+
+@click.group(cls=EspGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="esp")
 def cli() -> None:
     """ESP, the Elastic Synapse Processor: score user comments for toxicity at scale.
