@@ -127,7 +127,7 @@ def parse_comment(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         obj = json.loads(decoded)
     except json.JSONDecodeError as exc:
         raise InvalidComment(
-            ErrorType.INVALID_JSON, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ErrorType.INVALID_JSON, f"body is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     return _check_fields(obj)
 
