@@ -88,10 +88,14 @@ def test_worker_probes_and_grace_period(manifests: list[dict]) -> None:
 
 def test_tf_serving_reads_the_shipped_config(manifests: list[dict]) -> None:
     config = _by_kind(manifests, "ConfigMap", _tf_serving_configmap_name(manifests))["data"]
-    for name in ("models.config", "batching.config", "monitoring.config"):
+    for name in ("models.config", "batching_parameters.txt", "monitoring.config"):
         assert config[name] == (ROOT / "serving" / "config" / name).read_text()
-    args = _by_kind(manifests, "Deployment", "tf-serving")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--enable_batching=true" in args
+    # The image's entrypoint reads /config (serving/Dockerfile); the ConfigMap is mounted there.
+    container = _by_kind(manifests, "Deployment", "tf-serving")["spec"]["template"]["spec"]["containers"][0]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/config"]
+    dockerfile = (ROOT / "serving" / "Dockerfile").read_text()
+    assert "--model_config_file=/config/models.config" in dockerfile
+    assert "--batching_parameters_file=/config/batching_parameters.txt" in dockerfile
 
 
 def _tf_serving_configmap_name(manifests: list[dict]) -> str:

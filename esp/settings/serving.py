@@ -1,0 +1,174 @@
+"""Model serving settings: how clients reach the model server, and how `esp serve` runs one.
+
+`ModelClientSettings` is shared by everything that scores through TF Serving's gRPC API (the
+worker, the Beam backfill, `esp score`); `ModelServerSettings` configures the local
+TF-Serving-compatible server `esp serve`. Field names carry their unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from esp.settings.base import require, setting
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelClientSettings:
+    model_server: str = setting(
+        "127.0.0.1:8500", env="ESP_MODEL_SERVER", help="host:port of the TF Serving (or `esp serve`) gRPC endpoint."
+    )
+    model_name: str = setting("bert", env="ESP_MODEL_NAME", help="Model name on the model server.")
+    model_version: int | None = setting(
+        None, env="ESP_MODEL_VERSION", help="Pin one model version; unset means the server's choice (latest)."
+    )
+    model_version_label: str | None = setting(
+        None,
+        env="ESP_MODEL_VERSION_LABEL",
+        help="Version label to score with (e.g. `stable`, `canary`); excludes --model-version.",
+    )
+    model_signature: str = setting(
+        "serving_default", env="ESP_MODEL_SIGNATURE", help="Signature name of the SavedModel to call."
+    )
+    model_timeout_s: float = setting(
+        10.0, env="ESP_MODEL_TIMEOUT_S", help="Deadline of one gRPC call to the model server, seconds."
+    )
+    model_retry_budget_s: float = setting(
+        30.0,
+        env="ESP_MODEL_RETRY_BUDGET_S",
+        help="Total time one predict may spend retrying UNAVAILABLE/DEADLINE_EXCEEDED/RESOURCE_EXHAUSTED, seconds.",
+    )
+    model_retry_initial_backoff_s: float = setting(
+        0.05, env="ESP_MODEL_RETRY_INITIAL_BACKOFF_S", help="First retry backoff (doubles, full jitter), seconds."
+    )
+    model_retry_max_backoff_s: float = setting(
+        2.0, env="ESP_MODEL_RETRY_MAX_BACKOFF_S", help="Cap of the retry backoff, seconds."
+    )
+    model_max_message_bytes: int = setting(
+        256 * MIB,
+        env="ESP_MODEL_MAX_MESSAGE_BYTES",
+        help="Largest gRPC message the client sends or accepts, bytes (gRPC's 4 MiB default breaks big batches).",
+    )
+    model_tls_root_certs: str | None = setting(
+        None,
+        env="ESP_MODEL_TLS_ROOT_CERTS",
+        help="PEM file of root certificates: connect with TLS; unset means plaintext.",
+    )
+    model_call_metadata: str | None = setting(
+        None,
+        env="ESP_MODEL_CALL_METADATA",
+        help="Metadata sent with every call, `key=value,key=value` (e.g. `authorization=Bearer TOKEN`).",
+    )
+    model_keepalive_s: float = setting(
+        60.0, env="ESP_MODEL_KEEPALIVE_S", help="gRPC keepalive ping interval while calls are open, seconds."
+    )
+
+    def __post_init__(self) -> None:
+        require(":" in self.model_server, f"model_server {self.model_server!r} must be host:port")
+        require(self.model_name != "", "model_name must not be empty")
+        require(
+            self.model_version is None or self.model_version_label is None,
+            "set model_version or model_version_label, not both",
+        )
+        require(self.model_version is None or self.model_version > 0, "model_version must be a positive integer")
+        require(self.model_timeout_s > 0, "model_timeout_s must be positive")
+        require(self.model_retry_budget_s >= 0, "model_retry_budget_s must not be negative")
+        require(
+            0 < self.model_retry_initial_backoff_s <= self.model_retry_max_backoff_s,
+            "retry backoff must satisfy 0 < initial <= max",
+        )
+        require(self.model_max_message_bytes >= 4 * MIB, "model_max_message_bytes must be at least 4 MiB")
+        require(self.model_keepalive_s > 0, "model_keepalive_s must be positive")
+        self.call_metadata()  # validates the format up front
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The per-call metadata as gRPC wants it; gRPC requires lowercase keys."""
+        if not self.model_call_metadata:
+            return ()
+        pairs = []
+        for item in self.model_call_metadata.split(","):
+            key, sep, value = item.partition("=")
+            require(bool(sep) and key.strip() != "", f"model_call_metadata item {item!r} is not key=value")
+            pairs.append((key.strip().lower(), value.strip()))
+        return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class ModelServerSettings:
+    model_base_path: str | None = setting(
+        None,
+        env="ESP_MODEL_BASE_PATH",
+        help="Directory of integer version subdirectories (TF Serving layout); the latest version is served.",
+    )
+    model_config_file: str | None = setting(
+        None,
+        env="ESP_MODEL_CONFIG_FILE",
+        help="TF Serving models.config (text format): models, version policies, version labels. Excludes --model-base-path.",
+    )
+    port: int = setting(8500, env="ESP_SERVE_PORT", help="gRPC port (0 picks a free one and prints it).")
+    bind_host: str = setting("127.0.0.1", env="ESP_SERVE_BIND_HOST", help="Address to listen on (0.0.0.0 in a container).")
+    metrics_port: int = setting(
+        0, env="ESP_SERVE_METRICS_PORT", help="Port of the Prometheus /metrics endpoint; 0 disables it."
+    )
+    file_system_poll_wait_s: float = setting(
+        1.0, env="ESP_SERVE_POLL_WAIT_S", help="How often to look for new model versions, seconds; 0 disables polling."
+    )
+    model_config_file_poll_wait_s: float = setting(
+        1.0,
+        env="ESP_SERVE_CONFIG_POLL_WAIT_S",
+        help="How often to re-read --model-config-file (labels, versions), seconds; 0 reads it once.",
+    )
+    server_threads: int = setting(16, env="ESP_SERVE_THREADS", help="gRPC worker threads (concurrent requests).")
+    max_message_bytes: int = setting(
+        256 * MIB, env="ESP_SERVE_MAX_MESSAGE_BYTES", help="Largest gRPC message the server sends or accepts, bytes."
+    )
+    enable_batching: bool = setting(
+        False, env="ESP_SERVE_ENABLE_BATCHING", help="Merge concurrent requests into batches on the server."
+    )
+    batching_parameters_file: str | None = setting(
+        None,
+        env="ESP_SERVE_BATCHING_PARAMETERS_FILE",
+        help="TF Serving batching_parameters.txt; its values override the --max-batch-size etc. options.",
+    )
+    max_batch_size: int = setting(
+        1024,
+        env="ESP_SERVE_MAX_BATCH_SIZE",
+        help="Server-side batching: largest request accepted, rows (and largest batch run without splitting).",
+    )
+    max_execution_batch_size: int = setting(
+        32,
+        env="ESP_SERVE_MAX_EXECUTION_BATCH_SIZE",
+        help="Server-side batching with splitting: largest batch the model runs, rows.",
+    )
+    batch_timeout_micros: int = setting(
+        2000, env="ESP_SERVE_BATCH_TIMEOUT_MICROS", help="Server-side batching: longest wait to fill a batch, microseconds."
+    )
+    num_batch_threads: int = setting(
+        0, env="ESP_SERVE_NUM_BATCH_THREADS", help="Server-side batching: batches run in parallel; 0 means one per CPU."
+    )
+    max_enqueued_batches: int = setting(
+        100, env="ESP_SERVE_MAX_ENQUEUED_BATCHES", help="Server-side batching: queue bound, batches; beyond it UNAVAILABLE."
+    )
+    enable_large_batch_splitting: bool = setting(
+        True,
+        env="ESP_SERVE_ENABLE_LARGE_BATCH_SPLITTING",
+        help="Server-side batching: split requests so no batch run exceeds --max-execution-batch-size (else batches hold up to --max-batch-size rows).",
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            (self.model_base_path is None) != (self.model_config_file is None),
+            "give exactly one of model_base_path and model_config_file",
+        )
+        require(0 <= self.port <= 65535, "port must be 0..65535")
+        require(0 <= self.metrics_port <= 65535, "metrics_port must be 0..65535")
+        require(self.file_system_poll_wait_s >= 0, "file_system_poll_wait_s must not be negative")
+        require(self.model_config_file_poll_wait_s >= 0, "model_config_file_poll_wait_s must not be negative")
+        require(self.server_threads >= 1, "server_threads must be at least 1")
+        require(self.max_message_bytes >= 4 * MIB, "max_message_bytes must be at least 4 MiB")
+        require(self.max_batch_size >= 1, "max_batch_size must be at least 1")
+        require(self.max_execution_batch_size >= 1, "max_execution_batch_size must be at least 1")
+        require(self.batch_timeout_micros >= 0, "batch_timeout_micros must not be negative")
+        require(self.num_batch_threads >= 0, "num_batch_threads must not be negative")
+        require(self.max_enqueued_batches >= 1, "max_enqueued_batches must be at least 1")
