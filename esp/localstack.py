@@ -82,6 +82,10 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} is not running")
         return self.proc.pid
 
+    def command(self) -> list[str]:
+        """The argv to run; subclasses may wrap it (e.g. in `taskset`)."""
+        return self.argv
+
     def start(self) -> ManagedProcess:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"{self.name} already running (pid {self.proc.pid})")
@@ -90,7 +94,13 @@ class ManagedProcess:
             self._log_file = open(self.log_path, "ab")
         out = self._log_file if self._log_file is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd, start_new_session=True
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+            cwd=self._cwd,
+            start_new_session=True,
         )
         log.info("started %s (pid %d)", self.name, self.proc.pid)
         try:
@@ -138,7 +148,7 @@ class ManagedProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, sig)
                 try:
-                    proc.wait(timeout=timeout_s)
+                    proc.wait(timeout=timeout_s if sig != signal.SIGKILL else None)
                 except subprocess.TimeoutExpired:
                     log.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing it", self.name, proc.pid, timeout_s)
                     with contextlib.suppress(ProcessLookupError):
@@ -150,6 +160,14 @@ class ManagedProcess:
             self._log_file.close()
             self._log_file = None
         return code
+
+    def kill(self) -> None:
+        """SIGKILL now, no grace: what a crash or an OOM kill looks like to the process's peers."""
+        ManagedProcess.stop(self, timeout_s=0.0, sig=signal.SIGKILL)
+
+    def restart(self) -> ManagedProcess:
+        self.stop()
+        return self.start()
 
     def __enter__(self) -> ManagedProcess:
         return self.start()
