@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from bench_serving import load_texts, percentile, run_load  # noqa: E402
 
-from esp.localstack import PubSubEmulator, wait_until  # noqa: E402
+from esp.localstack import PubSubEmulator, isolated_pubsub_settings, wait_until  # noqa: E402
 from esp.pubsub import publisher_client, subscriber_client  # noqa: E402
 from esp.pubsub_admin import init_resources  # noqa: E402
 from esp.settings import ModelClientSettings, PubSubSettings  # noqa: E402
@@ -86,17 +86,7 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 def fresh_pubsub(emulator: PubSubEmulator) -> PubSubSettings:
-    tag = uuid.uuid4().hex[:8]
-    settings = PubSubSettings(
-        project=f"bench-{tag}",
-        emulator_host=emulator.host,
-        comments_topic=f"comments-{tag}",
-        scores_topic=f"scores-{tag}",
-        dead_letter_topic=f"dead-letter-{tag}",
-        subscription=f"comments-scoring-{tag}",
-        dead_letter_subscription=f"dead-letter-hold-{tag}",
-        ack_deadline_s=60,
-    )
+    settings = isolated_pubsub_settings(emulator.host, prefix="bench", ack_deadline_s=60)
     init_resources(settings)
     return settings
 

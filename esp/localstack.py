@@ -16,10 +16,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from esp.errors import ServiceUnreachable
+from esp.settings import PubSubSettings
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,25 @@ class PubSubEmulator(ManagedProcess):
                 return resp.status == 200
         except OSError:
             return False
+
+
+def isolated_pubsub_settings(emulator_host: str, *, prefix: str = "esp", **overrides: object) -> PubSubSettings:
+    """PubSubSettings on an emulator whose project and resource names no other run uses.
+
+    Tests and benchmarks share one emulator; unique names keep their messages apart.
+    """
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, object] = dict(
+        project=f"{prefix}-{tag}",
+        emulator_host=emulator_host,
+        comments_topic=f"comments-{tag}",
+        scores_topic=f"scores-{tag}",
+        dead_letter_topic=f"dead-letter-{tag}",
+        subscription=f"comments-scoring-{tag}",
+        dead_letter_subscription=f"dead-letter-hold-{tag}",
+    )
+    values.update(overrides)
+    return PubSubSettings(**values)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
