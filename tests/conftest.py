@@ -2,4 +2,8 @@
 
 pytest_plugins = [
     "tests.fixtures.pubsub",
+    "tests.fixtures.models",
+    "tests.fixtures.model_server",
+    "tests.fixtures.worker",
+    "tests.fixtures.trained_model",
 ]

@@ -20,7 +20,14 @@ SUBCOMMANDS = {
     "config": "esp.cli.config_cmd:config",
     "pubsub": "esp.cli.pubsub_cmd:pubsub",
     "publish": "esp.cli.publish_cmd:publish",
+    "demo": "esp.cli.demo_cmd:demo",
+    "worker": "esp.cli.worker_cmd:worker",
     "dead-letters": "esp.cli.dead_letters_cmd:dead_letters",
+    "prepare-data": "esp.cli.train_cmd:prepare_data",
+    "train": "esp.cli.train_cmd:train",
+    "evaluate": "esp.cli.train_cmd:evaluate",
+    "serve": "esp.cli.serve_cmd:serve",
+    "score": "esp.cli.serve_cmd:score",
 }
 
 

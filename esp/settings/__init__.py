@@ -7,19 +7,31 @@ entry points use `from_env`. `ALL_GROUPS` feeds `esp config` and the README's co
 
 from esp.settings.base import build, click_options, describe, from_env, setting
 from esp.settings.contracts import CommentSettings
+from esp.settings.dead_letters import DeadLetterSettings
 from esp.settings.logs import LogSettings
 from esp.settings.pubsub import PubSubSettings
+from esp.settings.serving import ModelClientSettings, ModelServerSettings
+from esp.settings.worker import WorkerSettings
+from esp.settings.training import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings
 
-ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, LogSettings]
+ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
 
 __all__ = [
     "ALL_GROUPS",
     "CommentSettings",
+    "DataSettings",
+    "DeadLetterSettings",
     "LogSettings",
+    "ModelClientSettings",
+    "ModelServerSettings",
+    "PrepareDataSettings",
     "PubSubSettings",
+    "ReportSettings",
+    "TrainSettings",
     "build",
     "click_options",
     "describe",
     "from_env",
     "setting",
+    "WorkerSettings",
 ]

@@ -1,0 +1,1 @@
+"""Apache Beam jobs: training-data preparation and bulk backfill scoring."""

@@ -1,0 +1,159 @@
+"""`esp prepare-data`, `esp train`, `esp evaluate`: the model pipeline's commands.
+
+Light at import (click and esp.settings only); Beam, TensorFlow and scikit-learn load inside the
+command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from esp.errors import EspError
+from esp.settings import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings, build, click_options
+
+
+def _fail_missing(exc: Exception) -> EspError:
+    return EspError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
+@click_options(DataSettings)
+@click_options(PrepareDataSettings)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[BEAM_ARGS]...")
+def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: object) -> None:
+    """Clean, dedupe and split labelled comments into TFRecords for training (an Apache Beam job).
+
+    Reads CSV/JSONL from local paths or gs:// globs, normalises text, sends rows without text or
+    with broken labels to rejects-*.jsonl with the reason, dedupes by normalised text, splits by
+    a hash of the id, and writes <data-dir>/{train,dev,test}-*.tfrecord plus stats.json.
+    Runs on the DirectRunner unless BEAM_ARGS name another (e.g. --runner=DataflowRunner
+    --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py; see docs/training.md).
+    """
+    data = build(DataSettings, options)
+    prep = build(PrepareDataSettings, options)
+    from beam_jobs.prepare_data import PrepareConfig, run
+
+    config = PrepareConfig(
+        input_patterns=prep.patterns(),
+        output_dir=data.data_dir,
+        id_column=prep.id_column,
+        text_column=prep.text_column,
+        label_columns=prep.labels(),
+        input_format=prep.input_format,
+        train_ratio=prep.train_ratio,
+        dev_ratio=prep.dev_ratio,
+        test_ratio=prep.test_ratio,
+        num_shards=prep.num_shards,
+        show_progress=not no_progress,
+    )
+    from apache_beam.io.filesystems import FileSystems
+
+    for pattern in config.input_patterns:
+        if not any(r.metadata_list for r in FileSystems.match([pattern])):
+            raise click.BadParameter(f"{pattern!r} matches no file", param_hint="--input")
+    stats = run(config, list(beam_args))
+    rows = stats["rows"]
+    click.echo(
+        f"prepared {rows['total']} comments into {data.data_dir}: train {rows['train']}, dev {rows['dev']}, test {rows['test']}; "
+        f"{stats['duplicates_removed']} duplicates removed ({stats['label_conflicts']} with conflicting labels), "
+        f"{stats['rejected_total']} rejected {json.dumps(stats['rejects'])}"
+    )
+    prevalence = stats["prevalence"]["all"]
+    click.echo("label prevalence: " + ", ".join(f"{k} {v:.2%}" for k, v in prevalence.items() if v is not None))
+
+
+@click.command()
+@click_options(DataSettings)
+@click_options(TrainSettings)
+@click_options(ReportSettings)
+@click.option("--overwrite", is_flag=True, help="Replace the export version if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train(overwrite: bool, no_progress: bool, **options: object) -> None:
+    """Train the BERT toxicity classifier, export it for TF Serving, and write the evaluation report.
+
+    Profiles: tiny (tests, seconds), demo (a few minutes), default (the shipped quality, about 20
+    minutes on 2 cores), base (BERT-base, for an accelerator, usually with --pretrained).
+    Exports <export-base-path>/<version>/ per docs/model-contract.md and reports to --report-dir.
+    """
+    data = build(DataSettings, options)
+    ts = build(TrainSettings, options)
+    rs = build(ReportSettings, options)
+    if ts.pretrained and not Path(ts.pretrained).is_dir():
+        raise click.BadParameter(f"{ts.pretrained!r} is not a directory", param_hint="--pretrained")
+    from training.pretrained import PretrainedError
+    from training.profiles import get_profile
+    from training.pipeline import train_and_export
+
+    profile = get_profile(ts.profile, epochs=ts.epochs, max_train_rows=ts.max_train_rows)
+
+    def on_epoch(record: dict) -> None:
+        click.echo(
+            f"epoch {record['epoch']}/{profile.epochs}: loss {record['loss']:.4f}, dev mean ROC AUC "
+            f"{record['dev_mean_roc_auc']:.4f} ({record['seconds']:.0f}s)",
+            err=True,
+        )
+
+    try:
+        out = train_and_export(
+            data_dir=data.data_dir,
+            profile=profile,
+            work_dir=str(Path(ts.work_dir) / profile.name),
+            export_base_path=ts.export_base_path,
+            export_version=ts.export_version,
+            seed=ts.seed,
+            pretrained=ts.pretrained,
+            cache_dir=ts.cache_dir,
+            threads=ts.threads,
+            target_precision=rs.target_precision,
+            natural_prevalence=rs.natural_toxic_prevalence,
+            report_dir=rs.report_dir,
+            baselines=rs.baselines,
+            progress=not no_progress,
+            on_epoch=on_epoch,
+            overwrite=overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, PretrainedError) as exc:
+        raise _fail_missing(exc) from None
+    click.echo(f"exported {out['version_dir']} (profile {profile.name}, best epoch {out['best_epoch']}, trained in {out['train_seconds']:.0f}s)")
+    click.echo(f"test mean ROC AUC {out['test']['mean_roc_auc']:.4f} (dev {out['dev_mean_roc_auc']:.4f})")
+    report = out["report"]
+    if report and "tfidf_logreg" in report:
+        click.echo(f"TF-IDF + LogReg on the same split: {report['tfidf_logreg']['mean_roc_auc']:.4f}; report in {rs.report_dir}/report.md")
+
+
+@click.command()
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="An exported version directory (<base>/<version>/) or a base path (the highest version is used).")
+@click_options(DataSettings)
+@click_options(ReportSettings)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def evaluate(model_dir: str, no_progress: bool, **options: object) -> None:
+    """Evaluate an exported model on the held-out test split, beside TF-IDF and alt-profanity-check."""
+    data = build(DataSettings, options)
+    rs = build(ReportSettings, options)
+    path = Path(model_dir)
+    if not (path / "saved_model.pb").is_file():
+        versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()))
+        if not versions:
+            raise click.BadParameter(f"{model_dir} holds no SavedModel version", param_hint="--model-dir")
+        path = path / str(versions[-1])
+    from training.evaluate import evaluate as run_evaluate
+    from training.pipeline import DEFAULT_SAMPLE
+
+    try:
+        result = run_evaluate(path, data.data_dir, rs.report_dir, baselines=rs.baselines, natural_prevalence=rs.natural_toxic_prevalence,
+                              sample_path=DEFAULT_SAMPLE, progress=not no_progress)
+    except FileNotFoundError as exc:
+        raise _fail_missing(exc) from None
+    click.echo(f"{path}: test mean ROC AUC {result['model']['mean_roc_auc']:.4f} on {result['test_rows']} comments")
+    for key, name in (("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg"), ("profanity_check", "alt-profanity-check (optimistic: trained on Jigsaw)")):
+        if key in result:
+            click.echo(f"{name}: {result[key]['mean_roc_auc']:.4f}")
+    if "demo_check" in result:
+        d = result["demo_check"]
+        click.echo(f"demo check: {d['labelled_toxic']}/{d['top']} of the top-scored sample comments are labelled toxic")
+    click.echo(f"report: {rs.report_dir}/report.md")

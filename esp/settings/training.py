@@ -1,0 +1,111 @@
+"""Settings of the model pipeline: data preparation, training/export, and the evaluation report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from esp.settings.base import require, setting
+
+PROFILE_CHOICES = ("tiny", "demo", "default", "base")
+INPUT_FORMATS = ("auto", "csv", "jsonl")
+JIGSAW_LABEL_COLUMNS = "toxic,severe_toxic,obscene,threat,insult,identity_hate"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where prepared training data lives: written by `esp prepare-data`, read by train/evaluate."""
+
+    data_dir: str = setting(
+        "artifacts/data", env="ESP_DATA_DIR", help="Prepared data directory (TFRecord splits + stats.json); local or gs://."
+    )
+
+
+@dataclass(frozen=True)
+class PrepareDataSettings:
+    input: str = setting(
+        "data/jigsaw/jigsaw_trainsplit_union.csv.gz",
+        env="ESP_PREPARE_INPUT",
+        help="Labelled CSV/JSONL files: comma-separated paths or globs, local or gs:// (.gz read transparently).",
+    )
+    input_format: str = setting(
+        "auto", env="ESP_PREPARE_INPUT_FORMAT", help="File format; auto goes by the file name.", choices=INPUT_FORMATS
+    )
+    id_column: str = setting("id", env="ESP_PREPARE_ID_COLUMN", help="Column (CSV) or field (JSONL) holding the comment id.")
+    text_column: str = setting("comment_text", env="ESP_PREPARE_TEXT_COLUMN", help="Column or field holding the comment text.")
+    label_columns: str = setting(
+        JIGSAW_LABEL_COLUMNS,
+        env="ESP_PREPARE_LABEL_COLUMNS",
+        help="Comma-separated label columns (0/1), in model output order; JSONL may nest them in a `labels` object.",
+    )
+    train_ratio: float = setting(0.8, env="ESP_PREPARE_TRAIN_RATIO", help="Share of comments in the train split.")
+    dev_ratio: float = setting(0.1, env="ESP_PREPARE_DEV_RATIO", help="Share in the dev split (early stopping, thresholds).")
+    test_ratio: float = setting(0.1, env="ESP_PREPARE_TEST_RATIO", help="Share in the held-out test split (the report).")
+    num_shards: int = setting(1, env="ESP_PREPARE_NUM_SHARDS", help="Files per split (0 lets the runner choose).")
+
+    def __post_init__(self) -> None:
+        ratios = (self.train_ratio, self.dev_ratio, self.test_ratio)
+        require(all(r >= 0 for r in ratios) and math.isclose(sum(ratios), 1.0, abs_tol=1e-6), f"split ratios must be >= 0 and sum to 1, got {ratios}")
+        require(self.train_ratio > 0 and self.dev_ratio > 0, "train and dev ratios must be positive")
+        require(bool(self.labels()), "label_columns must name at least one column")
+        require(bool(self.patterns()), "input must name at least one path or glob")
+        require(self.num_shards >= 0, "num_shards must be >= 0")
+
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.input.split(",") if p.strip())
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.label_columns.split(",") if c.strip())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    profile: str = setting("default", env="ESP_TRAIN_PROFILE", help="Model size and schedule (docs/training.md).", choices=PROFILE_CHOICES)
+    export_base_path: str = setting(
+        "models/bert", env="ESP_EXPORT_BASE_PATH", help="TF Serving base path the trained model is exported under (<base>/<version>/)."
+    )
+    export_version: int | None = setting(
+        None, env="ESP_EXPORT_VERSION", help="Model version to export as; unset means one above the highest present."
+    )
+    work_dir: str = setting(
+        "artifacts/train", env="ESP_TRAIN_WORK_DIR", help="Checkpoints and history go to <work_dir>/<profile>/."
+    )
+    seed: int = setting(42, env="ESP_TRAIN_SEED", help="Random seed: initialisation, batch order and dropout.")
+    pretrained: str | None = setting(
+        None,
+        env="ESP_TRAIN_PRETRAINED",
+        help="Fine-tune from a pretrained BERT: a keras-hub preset directory, or a TF checkpoint directory with bert_config.json and vocab.txt.",
+    )
+    epochs: int | None = setting(None, env="ESP_TRAIN_EPOCHS", help="Override the profile's maximum epochs.")
+    max_train_rows: int | None = setting(
+        None, env="ESP_TRAIN_MAX_TRAIN_ROWS", help="Override the profile's cap on training rows (0 = all)."
+    )
+    threads: int = setting(0, env="ESP_TRAIN_THREADS", help="TensorFlow intra/inter-op threads (0 = TensorFlow's choice).")
+    cache_dir: str | None = setting(
+        None, env="ESP_CACHE_DIR", help="Cache for the unpacked vocabulary; unset means <repo>/.cache/esp."
+    )
+
+    def __post_init__(self) -> None:
+        require(self.export_version is None or self.export_version > 0, "export_version must be a positive integer")
+        require(self.epochs is None or self.epochs > 0, "epochs must be positive")
+        require(self.threads >= 0, "threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    report_dir: str = setting(
+        "artifacts/report", env="ESP_REPORT_DIR", help="Evaluation report output: metrics JSON, ROC and training-curve PNGs, report.md."
+    )
+    target_precision: float = setting(
+        0.8, env="ESP_TARGET_PRECISION", help="Precision (at natural prevalence) the decision thresholds aim for, 0..1."
+    )
+    natural_toxic_prevalence: float = setting(
+        0.096, env="ESP_NATURAL_TOXIC_PREVALENCE", help="Rate of `toxic` in real traffic; dev/test rows are reweighted to it."
+    )
+    baselines: bool = setting(
+        True, env="ESP_REPORT_BASELINES", help="Also evaluate TF-IDF + logistic regression and alt-profanity-check on the same split."
+    )
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.target_precision < 1.0, "target_precision must be between 0 and 1")
+        require(0.0 < self.natural_toxic_prevalence < 1.0, "natural_toxic_prevalence must be between 0 and 1")

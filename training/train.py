@@ -1,0 +1,406 @@
+"""Training: prepared records in, a trained classifier, its dev thresholds and its history out.
+
+Tokenisation runs once, up front, through the same in-graph Preprocessor the export uses; batches
+are then drawn with length bucketing (rows of similar length together, padded to the longest), so
+CPU time goes into real word pieces rather than padding. Each epoch ends with the dev mean ROC AUC,
+which drives checkpointing and early stopping; `seed` fixes initialisation, order and dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A split after tokenisation: per-row arrays, ready for batching."""
+
+    token_ids: list[np.ndarray]
+    wide_ids: list[np.ndarray] | None
+    truncated: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: object  # keras.Model producing logits
+    preprocessor: object  # training.preprocess.Preprocessor
+    profile: object  # training.profiles.Profile
+    labels: tuple[str, ...]
+    history: list[dict]
+    best_epoch: int
+    train_seconds: float
+    dev_probabilities: np.ndarray
+    dev_labels: np.ndarray
+    pretrained: str | None
+    vocab_path: str
+    seed: int
+    wide_only_dev_auc: float | None = None  # the logistic-regression wide part alone, before the encoder trains
+
+
+def configure_tensorflow(seed: int, threads: int = 0) -> None:
+    import keras
+    import tensorflow as tf
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            logger.debug("TensorFlow threads already configured in this process")
+    keras.utils.set_random_seed(seed)
+
+
+def encode(preprocessor, texts: Sequence[str], labels: np.ndarray, batch_size: int = 512, progress: Callable | None = None) -> Encoded:
+    """Tokenises a split with the in-graph Preprocessor, then unpads rows for length bucketing."""
+    import tensorflow as tf
+
+    fn = tf.function(preprocessor.__call__, input_signature=[tf.TensorSpec([None], tf.string)])
+    token_ids: list[np.ndarray] = []
+    wide_ids: list[np.ndarray] | None = [] if preprocessor.wide_bigram_buckets else None
+    truncated: list[np.ndarray] = []
+    for start in range(0, len(texts), batch_size):
+        out = fn(tf.constant(list(texts[start : start + batch_size]), tf.string))
+        mask = out["padding_mask"].numpy()
+        ids = out["token_ids"].numpy()
+        token_ids.extend(row[: int(m.sum())] for row, m in zip(ids, mask))
+        if wide_ids is not None:
+            w = out["wide_ids"].numpy()
+            wide_ids.extend(row[row != 0] for row in w)
+        truncated.append(out["truncated"].numpy())
+        if progress:
+            progress(min(batch_size, len(texts) - start))
+    trunc = np.concatenate(truncated) if truncated else np.zeros((0,), bool)
+    return Encoded(token_ids, wide_ids, trunc, labels)
+
+
+def _pad(rows: Sequence[np.ndarray]) -> np.ndarray:
+    width = max(1, max(len(r) for r in rows))
+    out = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def make_batch(data: Encoded, idx: Sequence[int]) -> dict[str, np.ndarray]:
+    """Pads a batch exactly as the export does: [PAD] (0) up to the longest row of the batch."""
+    tokens = _pad([data.token_ids[i] for i in idx])
+    batch = {"token_ids": tokens, "padding_mask": tokens != 0}
+    # [PAD] is id 0 in BERT vocabularies; padding_mask must come from lengths if it were not.
+    if data.wide_ids is not None:
+        batch["wide_ids"] = _pad([data.wide_ids[i] for i in idx])
+    return batch
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar-length rows: sort within random chunks, then shuffle batches."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def predict_probabilities(model, data: Encoded, batch_size: int = 256) -> np.ndarray:
+    import tensorflow as tf
+
+    infer = tf.function(lambda x: tf.sigmoid(model(x, training=False)), reduce_retracing=True)
+    lengths = np.array([len(t) for t in data.token_ids])
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(data), data.labels.shape[1]), np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = infer({k: tf.constant(v) for k, v in make_batch(data, idx).items()}).numpy()
+    return out
+
+
+def wide_features(data: Encoded, idf: np.ndarray):
+    """The sparse matrix of what WideNgrams computes per row: idf / norm for each distinct id."""
+    from scipy.sparse import csr_matrix
+
+    indptr, indices, values = [0], [], []
+    for row in data.wide_ids:
+        ids = np.unique(row)
+        w = idf[ids]
+        norm = math.sqrt(max(float((w * w).sum()), 1e-6))
+        indices.append(ids)
+        values.append(w / norm)
+        indptr.append(indptr[-1] + len(ids))
+    flat_values = np.concatenate(values) if values else np.zeros(0)
+    flat_indices = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    return csr_matrix((flat_values, flat_indices, indptr), shape=(len(data), len(idf)))
+
+
+def fit_wide_logreg(layer, data: Encoded, c: float, progress: bool = False):
+    """Fits the wide part as L2-regularised logistic regression on the exact features the graph
+    computes (binary TF-IDF over the row's distinct n-gram ids), then freezes it.
+
+    IDF is sklearn's smooth form, log((1 + n) / (1 + df)) + 1, from the training split; n-grams
+    never seen in training get IDF 0, so, as in a fitted TfidfVectorizer, they count for nothing.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from tqdm import tqdm
+
+    n, num_ids = len(data), layer.num_ids
+    df = np.zeros(num_ids, np.int64)
+    for row in data.wide_ids:
+        df[np.unique(row)] += 1
+    idf = np.where(df > 0, np.log((1.0 + n) / (1.0 + df)) + 1.0, 0.0)
+    x = wide_features(data, idf)
+    coef = np.zeros((num_ids, data.labels.shape[1]), np.float32)
+    bias = np.zeros(data.labels.shape[1], np.float32)
+    for j in tqdm(range(data.labels.shape[1]), desc="fitting wide part", disable=not progress, leave=False):
+        y = data.labels[:, j]
+        if 0 < y.sum() < len(y):
+            clf = LogisticRegression(C=c, solver="liblinear", max_iter=1000)
+            clf.fit(x, y)
+            coef[:, j] = clf.coef_[0]
+            bias[j] = clf.intercept_[0]
+    layer.idf.assign(idf.astype(np.float32))
+    layer.table.assign(coef)
+    layer.bias.assign(bias)
+    layer.trainable = False
+    logger.info("wide part fitted by logistic regression on %d rows x %d n-gram ids (%d seen)", n, num_ids, int((df > 0).sum()))
+    return idf, coef, bias
+
+
+def out_of_fold_logits(x, labels: np.ndarray, folds: int, c: float) -> np.ndarray:
+    """Wide-part logits for each training row from a logistic regression fitted without its fold."""
+    from sklearn.linear_model import LogisticRegression
+
+    fold = np.arange(x.shape[0]) % folds  # rows are sorted by id, itself a hash: folds are random
+    out = np.zeros(labels.shape, np.float32)
+    for k in range(folds):
+        train_rows, held = fold != k, fold == k
+        for j in range(labels.shape[1]):
+            y = labels[train_rows, j]
+            if 0 < y.sum() < len(y):
+                clf = LogisticRegression(C=c, solver="liblinear", max_iter=1000).fit(x[train_rows], y)
+                out[held, j] = clf.decision_function(x[held])
+    return out
+
+
+def positive_weights(labels: np.ndarray, power: float, cap: float) -> np.ndarray:
+    pos = labels.sum(axis=0)
+    neg = len(labels) - pos
+    ratio = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    return np.minimum(ratio**power, cap).astype(np.float32)
+
+
+def _weighted_bce(pos_weight: np.ndarray):
+    from keras import ops
+
+    pw = ops.convert_to_tensor(pos_weight)
+
+    def loss(y_true, logits):
+        y_true = ops.cast(y_true, logits.dtype)
+        # -[w*y*log(sigmoid(z)) + (1-y)*log(1-sigmoid(z))], in the stable softplus form.
+        per = pw * y_true * ops.softplus(-logits) + (1.0 - y_true) * ops.softplus(logits)
+        return ops.mean(per, axis=-1)
+
+    return loss
+
+
+def _schedule(peak: float, total_steps: int, warmup_fraction: float):
+    import keras
+
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            from keras import ops
+
+            step = ops.cast(step, "float32")
+            up = peak * (step + 1.0) / warmup
+            down = peak * ops.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup))
+            return ops.where(step < warmup, up, down)
+
+        def get_config(self):
+            return {"peak": peak, "total_steps": total_steps, "warmup_fraction": warmup_fraction}
+
+    return WarmupLinearDecay()
+
+
+def train(
+    data_dir: str,
+    profile,
+    work_dir: str,
+    *,
+    seed: int = 42,
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
+    threads: int = 0,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Trains `profile` on the prepared data in `data_dir`; checkpoints under `work_dir`."""
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from training import records
+    from training.model import build_backbone, build_classifier
+    from training.preprocess import Preprocessor, read_vocab, shipped_vocab_path
+
+    configure_tensorflow(seed, threads)
+    stats = records.read_stats(data_dir)
+    labels = tuple(stats["labels"])
+    train_split = records.read_split(data_dir, "train", len(labels)).head(profile.max_train_rows)
+    dev_split = records.read_split(data_dir, "dev", len(labels)).head(profile.max_dev_rows)
+    if len(train_split) == 0 or len(dev_split) == 0:
+        raise ValueError(f"{data_dir}: the train and dev splits must both have rows")
+
+    backbone = None
+    if pretrained:
+        from training.pretrained import load_pretrained
+
+        backbone, vocab_path = load_pretrained(pretrained, cache_dir=cache_dir)
+        max_len = min(profile.max_seq_len, backbone.max_sequence_length)
+        profile = dataclasses.replace(profile, max_seq_len=max_len, hidden_dim=backbone.hidden_dim, num_layers=backbone.num_layers,
+                                      num_heads=backbone.num_heads, intermediate_dim=backbone.intermediate_dim)
+    else:
+        vocab_path = shipped_vocab_path(cache_dir)
+    preprocessor = Preprocessor(
+        vocab_path, profile.max_seq_len, profile.wide_bigram_buckets, profile.wide_max_tokens,
+        wide_char_buckets=profile.wide_char_buckets, wide_max_chars=profile.wide_max_chars,
+    )
+    if backbone is None:
+        backbone = build_backbone(profile, len(read_vocab(vocab_path)))
+    model = build_classifier(profile, backbone, len(labels), preprocessor.wide_vocab_size)
+
+    total_rows = len(train_split) + len(dev_split)
+    with tqdm(total=total_rows, desc="tokenising", unit="rows", disable=not progress, leave=False) as bar:
+        train_data = encode(preprocessor, train_split.texts, train_split.labels, progress=bar.update)
+        dev_data = encode(preprocessor, dev_split.texts, dev_split.labels, progress=bar.update)
+    logger.info("train %d rows (%.1f%% truncated at %d pieces), dev %d rows", len(train_data), 100 * train_data.truncated.mean(), profile.max_seq_len, len(dev_data))
+
+    train_offsets = None
+    if preprocessor.wide_vocab_size and profile.wide_fit == "logreg":
+        t0 = time.monotonic()
+        idf, coef, bias = fit_wide_logreg(model.get_layer("wide"), train_data, profile.wide_logreg_c, progress)
+        from training.metrics import mean_auc, roc_aucs
+
+        wide_dev = 1 / (1 + np.exp(-(wide_features(dev_data, idf) @ coef + bias)))
+        wide_only_dev_auc = mean_auc(roc_aucs(labels, dev_data.labels, wide_dev))
+        logger.info("wide part fitted by logistic regression in %.0fs: alone, dev mean ROC AUC %.4f", time.monotonic() - t0, wide_only_dev_auc)
+
+        if profile.wide_oof_folds > 1:
+            t0 = time.monotonic()
+            train_offsets = out_of_fold_logits(wide_features(train_data, idf), train_data.labels, profile.wide_oof_folds, profile.wide_logreg_c)
+            logger.info("%d-fold out-of-fold wide logits in %.0fs", profile.wide_oof_folds, time.monotonic() - t0)
+    else:
+        wide_only_dev_auc = None
+
+    lengths = np.array([len(t) for t in train_data.token_ids])
+    steps_per_epoch = math.ceil(len(train_data) / profile.batch_size)
+    total_steps = steps_per_epoch * profile.epochs
+    pos_weight = positive_weights(train_data.labels, profile.pos_weight_power, profile.pos_weight_cap)
+    logger.info("positive-class loss weights: %s", dict(zip(labels, np.round(pos_weight, 2).tolist())))
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=_schedule(profile.learning_rate, total_steps, profile.warmup_fraction),
+        weight_decay=profile.weight_decay,
+        clipnorm=1.0,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "ngram_weights", "ngram_bias"])
+    fit_model = model
+    if train_offsets is not None:
+        # The encoder trains against the out-of-fold wide logits (an input); dev, checkpoints and
+        # the export use `model`, whose wide part is the full fit. The layers are shared.
+        offset_in = keras.Input(shape=(len(labels),), dtype="float32", name="wide_offset")
+        fit_inputs = {"token_ids": model.input["token_ids"], "padding_mask": model.input["padding_mask"], "wide_offset": offset_in}
+        fit_model = keras.Model(fit_inputs, keras.layers.Add()([model.get_layer("deep_logits").output, offset_in]))
+    fit_model.compile(optimizer=optimizer, loss=_weighted_bce(pos_weight))
+
+    ckpt_dir = Path(work_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    def fit_batch(idx):
+        batch = make_batch(train_data, idx)
+        if train_offsets is not None:
+            batch.pop("wide_ids", None)
+            batch["wide_offset"] = train_offsets[idx]
+        return batch
+
+    specs = {"padding_mask": tf.TensorSpec([None, None], tf.bool), "wide_offset": tf.TensorSpec([None, len(labels)], tf.float32)}
+    signature = (
+        {k: specs.get(k, tf.TensorSpec([None, None], tf.int32)) for k in fit_batch([0])},
+        tf.TensorSpec([None, len(labels)], tf.float32),
+    )
+
+    history: list[dict] = []
+    best = (-math.inf, 0)
+    bad_epochs = 0
+    started = time.monotonic()
+    for epoch in range(1, profile.epochs + 1):
+        rng = np.random.default_rng([seed, epoch])
+        batches = bucketed_batches(lengths, profile.batch_size, rng)
+
+        def gen(batches=batches) -> Iterator:
+            for idx in batches:
+                yield fit_batch(idx), train_data.labels[idx]
+
+        dataset = tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2)
+        t0 = time.monotonic()
+        fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=1 if progress else 0)
+        dev_probs = predict_probabilities(model, dev_data)
+        from training.metrics import mean_auc, roc_aucs
+
+        aucs = roc_aucs(labels, dev_data.labels, dev_probs)
+        record = {
+            "epoch": epoch,
+            "loss": float(fit.history["loss"][-1]),
+            "dev_mean_roc_auc": mean_auc(aucs),
+            "dev_roc_auc": aucs,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        history.append(record)
+        logger.info("epoch %d/%d: loss %.4f, dev mean ROC AUC %.4f (%.0fs)", epoch, profile.epochs, record["loss"], record["dev_mean_roc_auc"], record["seconds"])
+        if on_epoch:
+            on_epoch(record)
+        model.save_weights(ckpt_dir / f"epoch-{epoch:03d}.weights.h5")
+        if record["dev_mean_roc_auc"] > best[0]:
+            best = (record["dev_mean_roc_auc"], epoch)
+            bad_epochs = 0
+            model.save_weights(ckpt_dir / "best.weights.h5")
+        else:
+            bad_epochs += 1
+            if bad_epochs >= profile.early_stopping_patience:
+                logger.info("early stopping: dev mean ROC AUC has not improved for %d epochs", bad_epochs)
+                break
+    train_seconds = time.monotonic() - started
+    if best[1] != history[-1]["epoch"]:
+        model.load_weights(ckpt_dir / "best.weights.h5")
+    dev_probs = predict_probabilities(model, dev_data)
+    (Path(work_dir) / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(
+        model=model,
+        preprocessor=preprocessor,
+        profile=profile,
+        labels=labels,
+        history=history,
+        best_epoch=best[1],
+        train_seconds=train_seconds,
+        dev_probabilities=dev_probs,
+        dev_labels=dev_data.labels,
+        pretrained=pretrained,
+        vocab_path=str(vocab_path),
+        seed=seed,
+        wide_only_dev_auc=wide_only_dev_auc,
+    )
