@@ -6,11 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint docs clean help
+DATA_DIR ?= artifacts/data
+
+.PHONY: install demo test docs clean help data model bench
 
 help:
 	@echo "make demo     set up, then run ESP end to end locally (emulator, model server, worker)"
 	@echo "make test     set up, then run the test suite (starts the services it needs)"
+	@echo "make model    train the default model into models/bert/1 (about 10 minutes on 2 cores)"
+	@echo "make bench    the serving and worker benchmarks on the default model (docs/serving.md, docs/worker.md)"
 	@echo "make docs     regenerate the README's configuration table"
 
 install: $(STAMP)
@@ -28,6 +32,22 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+$(DATA_DIR)/stats.json: data/jigsaw/jigsaw_trainsplit_union.csv.gz beam_jobs/prepare_data.py | install
+	$(BIN)/esp prepare-data --data-dir $(DATA_DIR) --runner=DirectRunner
+
+data: $(DATA_DIR)/stats.json
+
+models/bert/1/saved_model.pb: $(DATA_DIR)/stats.json
+	$(BIN)/esp train --profile default --data-dir $(DATA_DIR) --export-base-path models/bert --export-version 1 \
+		--overwrite --report-dir artifacts/report/default
+
+model: models/bert/1/saved_model.pb
+
+bench: model
+	$(BIN)/python bench/bench_serving.py models/bert
+	$(BIN)/python bench/bench_worker.py --model models/bert --json docs/figures/worker-bench.json \
+		--chart docs/figures/worker-throughput.png
 
 docs: install
 	$(BIN)/esp config --update-readme README.md
