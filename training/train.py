@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -358,7 +359,10 @@ def train(
 
         dataset = tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2)
         t0 = time.monotonic()
-        fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=1 if progress else 0)
+        # Keras's bar rewrites one line: on a terminal. Piped into a log it is thousands of lines, and
+        # the per-epoch summary (on_epoch) already says what matters.
+        keras_bar = 1 if progress and sys.stdout.isatty() else 0
+        fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=keras_bar)
         dev_probs = predict_probabilities(model, dev_data)
         from training.metrics import mean_auc, roc_aucs
 
