@@ -45,7 +45,8 @@ models/bert/1/saved_model.pb: $(DATA_DIR)/stats.json
 model: models/bert/1/saved_model.pb
 
 bench: model
-	$(BIN)/python bench/bench_serving.py models/bert
+	$(BIN)/python bench/bench_serving.py models/bert --json docs/figures/serving-bench.json \
+		--chart docs/figures/serving-throughput.png
 	$(BIN)/python bench/bench_worker.py --model models/bert --json docs/figures/worker-bench.json \
 		--chart docs/figures/worker-throughput.png
 

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-timeout-micros", type=int, default=2000, help="server-side batching: wait to fill")
     parser.add_argument("--num-batch-threads", type=int, default=os.cpu_count() or 1, help="server-side batching threads")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--chart", type=Path, help="also draw throughput and p99 latency by batch size (PNG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -187,9 +188,34 @@ def main(argv: list[str] | None = None) -> int:
     report.update(by_batch_size=by_batch, concurrent_single=[plain, batched])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.chart:
+        draw_chart(report, args.chart)
     if scratch:
         scratch.cleanup()
     return 0
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    """Throughput (bars) and p99 latency (line) by client batch size: where batching stops paying."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["by_batch_size"]
+    labels = [str(r["batch_size"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(labels, [r["sequences_per_s"] for r in rows], color="tab:blue")
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_xlabel("client batch size (one client, requests back to back)")
+    ax.set_ylabel("comments / s")
+    ax2 = ax.twinx()
+    ax2.plot(labels, [r["p99_ms"] for r in rows], color="tab:red", marker="o")
+    ax2.set_ylabel("p99 latency, ms", color="tab:red")
+    ax.set_title(f"esp serve: {Path(report['model']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

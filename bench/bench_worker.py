@@ -15,7 +15,7 @@ worker). Texts are the shipped Jigsaw comments in their natural length mix. Meas
    the end-to-end throughput;
 5. worker ready time and peak RSS with a 100,000-message backlog waiting.
 
-    python bench/bench_worker.py                      # models/demo if present, else the test model
+    python bench/bench_worker.py                      # models/bert (make model) if present, else the test model
     python bench/bench_worker.py --model PATH --batch-size 32 --server-cores 1 --json out.json
     python bench/bench_worker.py --test-model --chart docs/figures/worker-throughput.png
 
@@ -54,7 +54,7 @@ from serving.local import ModelServerProcess  # noqa: E402
 from worker.local import WorkerProcess  # noqa: E402
 
 log = logging.getLogger("bench_worker")
-DEFAULT_MODEL = REPO_ROOT / "models" / "demo"
+DEFAULT_MODEL = REPO_ROOT / "models" / "bert"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -363,7 +363,7 @@ def chart(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="model base path (default: models/demo if present)")
+    parser.add_argument("--model", type=Path, default=None, help="model base path (default: models/bert, the default model, if present)")
     parser.add_argument("--test-model", action="store_true", help="use the tiny test model (tests/fixtures/models.py)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches-in-flight", type=int, default=2)
