@@ -468,9 +468,13 @@ class TFServingScorer:
         self.close()
 
 
-def health_check(target: str, *, service: str = "", timeout_s: float = 1.0) -> bool:
+def health_check(target: str, *, service: str = "", timeout_s: float = 1.0, root_certificates: bytes | None = None) -> bool:
     """gRPC health protocol: True when the server at `target` reports SERVING (one short call)."""
-    with grpc.insecure_channel(target) as channel:
+    if root_certificates is not None:
+        channel_cm = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_certificates))
+    else:
+        channel_cm = grpc.insecure_channel(target)
+    with channel_cm as channel:
         check = channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=pb.HealthCheckRequest.SerializeToString,

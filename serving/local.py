@@ -33,6 +33,7 @@ class ModelServerProcess(ManagedProcess):
         env: dict[str, str] | None = None,
         poll_wait_s: float = 0.2,
         start_timeout_s: float = 120.0,
+        tls_root_certificates: bytes | None = None,
     ) -> None:
         if (base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of base_path and model_config_file")
@@ -49,7 +50,8 @@ class ModelServerProcess(ManagedProcess):
         super().__init__(
             "esp-serve",
             [],
-            ready=lambda: health_check(self.target, timeout_s=1.0),
+            # A server started with --tls-cert-file answers only over TLS: give its CA here.
+            ready=lambda: health_check(self.target, timeout_s=1.0, root_certificates=tls_root_certificates),
             env=full_env,
             log_path=Path(log_path) if log_path is not None else None,
             start_timeout_s=start_timeout_s,

@@ -522,6 +522,31 @@ def health_handler(is_serving: Callable[[], bool]) -> grpc.GenericRpcHandler:
 # The server
 
 
+class RequireMetadata(grpc.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, any call that lacks the required metadata.
+
+    In production an auth proxy or a service mesh in front of TF Serving checks the caller; this
+    lets the client's per-call metadata be exercised against `esp serve` for real. The health check
+    stays open, as a load balancer's probe would need it.
+    """
+
+    def __init__(self, required: tuple[tuple[str, str], ...]) -> None:
+        self._required = dict(required)
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong call metadata")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        sent = dict(handler_call_details.invocation_metadata or ())
+        if all(sent.get(key) == value for key, value in self._required.items()):
+            return continuation(handler_call_details)
+        return self._deny
+
+
 @dataclasses.dataclass
 class ServerConfig:
     sources: list[ModelSource]
@@ -535,6 +560,10 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     batching: BatchingOptions | None = None
     grace_s: float = 10.0
+    # PEM bytes; both set means TLS. TF Serving itself has the same pair (--ssl_config_file).
+    tls_cert_chain: bytes | None = None
+    tls_private_key: bytes | None = None
+    required_metadata: tuple[tuple[str, str], ...] = ()
 
 
 class ModelServer:
@@ -568,8 +597,10 @@ class ModelServer:
         self.manager.start_polling()
         if cfg.batching is not None:
             self.batcher = BatchScheduler(self._run_batch, cfg.batching, on_batch=self.metrics.batch_rows.observe)
+        interceptors = [RequireMetadata(cfg.required_metadata)] if cfg.required_metadata else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="grpc"),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -584,7 +615,12 @@ class ModelServer:
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, self._server)
         self._server.add_generic_rpc_handlers((health_handler(self.is_serving),))
         try:
-            self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            address = f"{cfg.host}:{cfg.port}"
+            if cfg.tls_cert_chain is not None and cfg.tls_private_key is not None:
+                credentials = grpc.ssl_server_credentials([(cfg.tls_private_key, cfg.tls_cert_chain)])
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
         if not self.port:

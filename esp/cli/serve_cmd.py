@@ -9,10 +9,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from esp.settings import LogSettings, ModelClientSettings, ModelServerSettings, build, click_options
+
+
+def _read_pem(path: str | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=option) from None
 
 _CLIENT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelClientSettings))
 
@@ -73,6 +83,9 @@ def serve(**options: object) -> None:
         threads=settings.server_threads,
         max_message_bytes=settings.max_message_bytes,
         batching=batching,
+        tls_cert_chain=_read_pem(settings.tls_cert_file, "--tls-cert-file"),
+        tls_private_key=_read_pem(settings.tls_key_file, "--tls-key-file"),
+        required_metadata=settings.required_metadata(),
     )
     log = logging.getLogger("esp.serve")
 

@@ -83,15 +83,20 @@ class ModelClientSettings:
         self.call_metadata()  # validates the format up front
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The per-call metadata as gRPC wants it; gRPC requires lowercase keys."""
-        if not self.model_call_metadata:
-            return ()
-        pairs = []
-        for item in self.model_call_metadata.split(","):
-            key, sep, value = item.partition("=")
-            require(bool(sep) and key.strip() != "", f"model_call_metadata item {item!r} is not key=value")
-            pairs.append((key.strip().lower(), value.strip()))
-        return tuple(pairs)
+        """The per-call metadata as gRPC wants it."""
+        return parse_metadata(self.model_call_metadata, "model_call_metadata")
+
+
+def parse_metadata(value: str | None, name: str) -> tuple[tuple[str, str], ...]:
+    """`key=value[,key=value]` as gRPC metadata pairs; gRPC requires lowercase keys."""
+    if not value:
+        return ()
+    pairs = []
+    for item in value.split(","):
+        key, sep, val = item.partition("=")
+        require(bool(sep) and key.strip() != "", f"{name} item {item!r} is not key=value")
+        pairs.append((key.strip().lower(), val.strip()))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,20 @@ class ModelServerSettings:
     server_threads: int = setting(16, env="ESP_SERVE_THREADS", help="gRPC worker threads (concurrent requests).")
     max_message_bytes: int = setting(
         256 * MIB, env="ESP_SERVE_MAX_MESSAGE_BYTES", help="Largest gRPC message the server sends or accepts, bytes."
+    )
+    tls_cert_file: str | None = setting(
+        None,
+        env="ESP_SERVE_TLS_CERT_FILE",
+        help="PEM certificate chain: serve gRPC over TLS (with --tls-key-file); unset means plaintext.",
+    )
+    tls_key_file: str | None = setting(
+        None, env="ESP_SERVE_TLS_KEY_FILE", help="PEM private key of --tls-cert-file."
+    )
+    required_call_metadata: str | None = setting(
+        None,
+        env="ESP_SERVE_REQUIRED_CALL_METADATA",
+        help="key=value[,key=value]: every call but the health check must carry this metadata, else "
+        "UNAUTHENTICATED (stands in for the auth proxy in front of TF Serving).",
     )
     enable_batching: bool = setting(
         False, env="ESP_SERVE_ENABLE_BATCHING", help="Merge concurrent requests into batches on the server."
@@ -172,3 +191,11 @@ class ModelServerSettings:
         require(self.batch_timeout_micros >= 0, "batch_timeout_micros must not be negative")
         require(self.num_batch_threads >= 0, "num_batch_threads must not be negative")
         require(self.max_enqueued_batches >= 1, "max_enqueued_batches must be at least 1")
+        require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "give both tls_cert_file and tls_key_file, or neither",
+        )
+        self.required_metadata()  # validates the format up front
+
+    def required_metadata(self) -> tuple[tuple[str, str], ...]:
+        return parse_metadata(self.required_call_metadata, "required_call_metadata")
