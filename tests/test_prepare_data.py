@@ -58,7 +58,7 @@ def test_split_is_a_pure_function_of_the_id() -> None:
 
 def test_pipeline_cleans_dedupes_splits_and_counts(tmp_path: Path) -> None:
     multi_line = "first line\nsecond, with a comma\n\"quoted\" third"
-    csv_path = _csv(
+    _csv(
         tmp_path / "in.csv",
         [
             ["a1", multi_line, *_labels()],
