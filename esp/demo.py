@@ -227,12 +227,13 @@ def render(result: DemoResult) -> str:
         f"  flagged: {len(flagged)} of {len(records)}; by label: "
         + ", ".join(f"{label} {sum(label in r['flags'] for r in records)}" for label in sorted(records[0]["scores"]) if records),
         "",
-        click.style("  Most toxic (score for 'toxic', the flags, and the human label from Jigsaw):", bold=True),
+        click.style("  Most toxic (score for 'toxic', the human label from Jigsaw, the text, the model's flags):", bold=True),
     ]
     top = by_toxic[:10]
     for r in top:
         human = "toxic" if samples[r["id"]]["labels"].get("toxic") else "not toxic"
-        lines.append(f"   {r['scores']['toxic']:.3f}  {','.join(r['flags']) or '-':<32} [{human:>9}]  {_clip(samples[r['id']]['text'])}")
+        flags = ",".join(r["flags"]) or "-"
+        lines.append(f"   {r['scores']['toxic']:.3f}  [{human:>9}]  {_clip(samples[r['id']]['text'], 60):<60}  {flags}")
     agree = sum(bool(samples[r["id"]]["labels"].get("toxic")) for r in top)
     lines.append(f"   {agree} of these {len(top)} are labelled toxic by Jigsaw's annotators")
     lines += ["", click.style("  Least toxic:", bold=True)]
