@@ -35,7 +35,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs.options import pipeline_options
 
 logger = logging.getLogger(__name__)
 
@@ -394,18 +395,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig) -> None:
         | "Stats" >> beam.CombineGlobally(StatsFn(len(config.label_columns)))
         | "WriteStats" >> beam.Map(write_stats, config)
     )
-
-
-def pipeline_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
-    """Beam options from the pass-through args; DirectRunner unless a runner is named.
-
-    Naming it matters: without a runner, recent Beam picks the Prism runner, which tries to
-    download a binary.
-    """
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args.append("--runner=DirectRunner")
-    return PipelineOptions(args)
 
 
 def run(config: PrepareConfig, beam_args: Sequence[str] = ()) -> dict:

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "prepare-data": "esp.cli.train_cmd:prepare_data",
     "train": "esp.cli.train_cmd:train",
     "evaluate": "esp.cli.train_cmd:evaluate",
+    "backfill": "esp.cli.backfill_cmd:backfill",
     "serve": "esp.cli.serve_cmd:serve",
     "score": "esp.cli.serve_cmd:score",
 }

@@ -1,0 +1,86 @@
+"""The Beam backfill on the DirectRunner: the same scores as the in-process model, through TF
+Serving over real gRPC and in process; poison and model-rejected comments to dead letters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from beam_jobs.backfill import BackfillConfig, run, summarize
+from esp.settings import ModelClientSettings
+from serving.saved_model import SavedModelScorer
+from tests.fixtures.models import export_test_model
+
+TEXTS = ["thank you for the fix", "you are an idiot", "Ω кириллица 中文 🙂", "x " * 3000, "short"]
+POISON = ['{"id": "p1", "text": ', '{"id": "p2"}', '{"id": 3, "text": "numeric id"}']
+
+
+def _write_input(path: Path, n: int, extra: list[str] = ()) -> dict[str, str]:  # type: ignore[assignment]
+    comments = {f"c{i:03d}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(n)}
+    lines = [json.dumps({"id": cid, "text": text}, ensure_ascii=False) for cid, text in comments.items()]
+    path.write_text("\n".join(lines + list(extra)) + "\n", encoding="utf-8")
+    return comments
+
+
+def _read(output: Path, prefix: str) -> list[dict]:
+    return [json.loads(line) for f in sorted(output.glob(f"{prefix}*.jsonl")) for line in f.read_text().splitlines() if line]
+
+
+def _expected(base: Path, comments: dict[str, str]) -> dict[str, dict[str, float]]:
+    scorer = SavedModelScorer(base)
+    out = scorer.predict(list(comments.values()))
+    return {cid: dict(zip(out.labels, row)) for cid, row in zip(comments, out.probabilities)}
+
+
+def test_backfill_through_tf_serving_matches_the_model(tmp_path: Path, model_server, test_model_base: Path) -> None:  # type: ignore[no-untyped-def]
+    comments = _write_input(tmp_path / "in.jsonl", 120, POISON)
+    config = BackfillConfig(
+        input=str(tmp_path / "in.jsonl"),
+        output=str(tmp_path / "out"),
+        client=ModelClientSettings(model_server=model_server.target),
+        max_batch_size=16,
+    )
+    run(config)
+    scores = {r["id"]: r for r in _read(tmp_path / "out", "scores")}
+    assert set(scores) == set(comments)
+    expected = _expected(test_model_base, comments)
+    for cid, record in scores.items():
+        assert record["scores"] == pytest.approx(expected[cid], abs=1e-5)
+        assert record["model"] == {"name": "bert", "version": 1}
+    dead = _read(tmp_path / "out", "dead-letters")
+    assert sorted((d["esp_stage"], d["esp_error_type"]) for d in dead) == [
+        ("validate", "invalid_id"), ("validate", "invalid_json"), ("validate", "missing_text"),
+    ]
+    assert {d["body"] for d in dead} == set(POISON)
+    assert summarize(str(tmp_path / "out")) == (120, 3)
+
+
+def test_backfill_in_process_isolates_a_rejected_comment(tmp_path: Path) -> None:
+    base = tmp_path / "rejecting"
+    export_test_model(base, 1, reject_marker="POISON")
+    comments = _write_input(tmp_path / "in.jsonl", 40)
+    with open(tmp_path / "in.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "bad-1", "text": "this one is POISON for the model"}) + "\n")
+    run(BackfillConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), backend="saved_model",
+                       saved_model_dir=str(base), max_batch_size=8))
+    scores = {r["id"] for r in _read(tmp_path / "out", "scores")}
+    assert scores == set(comments), "the rejected comment's batch neighbours are all scored"
+    (dead,) = _read(tmp_path / "out", "dead-letters")
+    assert (dead["esp_stage"], dead["esp_error_type"]) == ("score", "model_rejected")
+    assert json.loads(dead["body"])["id"] == "bad-1" and dead["esp_reason"]
+
+
+def test_cli_reports_and_exits_nonzero_on_dead_letters(tmp_path: Path, test_model_base: Path) -> None:
+    _write_input(tmp_path / "in.jsonl", 10, POISON[:1])
+    result = subprocess.run(
+        [sys.executable, "-m", "esp.cli.main", "backfill", "--input", str(tmp_path / "in.jsonl"),
+         "--output", str(tmp_path / "out"), "--backend", "saved_model", "--saved-model-dir", str(test_model_base),
+         "--runner=DirectRunner"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "scored 10, dead-lettered 1" in result.stdout
