@@ -91,7 +91,7 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             name="default",
-            description="The shipped model: a 2-layer, 128-wide BERT plus the wide n-gram part; about 20 minutes on 2 cores.",
+            description="The shipped model: a 2-layer, 128-wide BERT plus the wide n-gram part; about 10 minutes on 2 cores.",
             num_layers=2,
             num_heads=2,
             hidden_dim=128,
