@@ -222,6 +222,9 @@ ATTR_DELIVERY_ATTEMPT = "esp_delivery_attempt"
 ATTR_SOURCE_MESSAGE_ID = "esp_source_message_id"
 ATTR_SOURCE_SUBSCRIPTION = "esp_source_subscription"
 ATTR_REPLAY_COUNT = "esp_replay_count"
+# The comment's own ordering key. Kept as an attribute because publishing the dead letter with the
+# key itself would need ordered publishing on the dead-letter topic, where order means nothing.
+ATTR_ORDERING_KEY = "esp_ordering_key"
 ATTR_PARKED = "esp_parked"
 # Added by Pub/Sub itself when its dead-letter policy forwards a message.
 POLICY_ATTR_PREFIX = "CloudPubSubDeadLetterSource"
@@ -284,6 +287,8 @@ class DeadLetter:
             esp[ATTR_REPLAY_COUNT] = str(self.replay_count)
         if self.parked:
             esp[ATTR_PARKED] = "true"
+        if self.ordering_key:
+            esp[ATTR_ORDERING_KEY] = self.ordering_key
         original = {k: v for k, v in self.attributes.items() if not k.startswith(ATTR_PREFIX)}
         # Keep ours when the original message already used (nearly) all 100 attribute slots.
         room = MAX_ATTRIBUTES - len(esp)
@@ -296,6 +301,7 @@ class DeadLetter:
     ) -> DeadLetter:
         """Reads a message from the dead-letter topic: the worker's own, or one the policy forwarded."""
         attrs = dict(attributes)
+        ordering_key = ordering_key or attrs.get(ATTR_ORDERING_KEY, "")
         original = {
             k: v for k, v in attrs.items() if not k.startswith(ATTR_PREFIX) and not k.startswith(POLICY_ATTR_PREFIX)
         }

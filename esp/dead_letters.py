@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from esp.contracts import (
+    ATTR_ORDERING_KEY,
     ATTR_PARKED,
     ATTR_PREFIX,
     ATTR_REPLAY_COUNT,
@@ -88,14 +89,16 @@ class Letter:
         msg = received.message
         attrs = dict(msg.attributes)
         publish_time = _as_utc(msg.publish_time)
+        dead_letter = _read_dead_letter(bytes(msg.data), attrs, publish_time, msg.ordering_key)
         return cls(
             ack_id=received.ack_id,
             message_id=msg.message_id,
             publish_time=publish_time,
             data=bytes(msg.data),
             attributes=attrs,
-            ordering_key=msg.ordering_key,
-            dead_letter=_read_dead_letter(bytes(msg.data), attrs, publish_time, msg.ordering_key),
+            # The comment's key: the message's own, or the one the worker kept as an attribute.
+            ordering_key=dead_letter.ordering_key,
+            dead_letter=dead_letter,
         )
 
     @functools.cached_property
@@ -180,7 +183,7 @@ def _read_dead_letter(data: bytes, attrs: dict[str, str], publish_time: dt.datet
             reason=f"dead-letter attributes could not be read: {exc}",
             worker=attrs.get(ATTR_WORKER, ""),
             time=publish_time,
-            ordering_key=ordering_key,
+            ordering_key=ordering_key or attrs.get(ATTR_ORDERING_KEY, ""),
             parked=attrs.get(ATTR_PARKED) == "true",
         )
 

@@ -174,3 +174,15 @@ def test_policy_forwarded_dead_letter_is_recognised() -> None:
 def test_labels_are_the_outputs_without_the_esp_prefix() -> None:
     keys = ["toxic", "esp_threshold_toxic", "insult", "esp_truncated"]
     assert labels_from_outputs(keys) == ["insult", "toxic"]
+
+
+def test_dead_letter_keeps_the_comments_ordering_key_as_an_attribute() -> None:
+    dl = dead_letter_for(b"{}", {"a": "1"}, stage="s", error_type="e", reason="r", worker="w", ordering_key="user-42")
+    attrs = dl.to_attributes()
+    assert attrs["esp_ordering_key"] == "user-42"
+    # Read back from a dead-letter message published without a key of its own.
+    back = DeadLetter.from_pubsub(b"{}", attrs)
+    assert back.ordering_key == "user-42"
+    assert back.attributes == {"a": "1"}
+    # A key on the dead-letter message itself wins.
+    assert DeadLetter.from_pubsub(b"{}", attrs, ordering_key="k2").ordering_key == "k2"

@@ -114,7 +114,9 @@ def worker_dead_letter(
     attrs = letter.to_attributes()
     if parked:
         attrs[ATTR_PARKED] = "true"
-    return data, attrs, ordering_key
+    # The worker keeps the comment's ordering key as the esp_ordering_key attribute and publishes
+    # the dead letter itself without a key.
+    return data, attrs, ""
 
 
 def make_policy_dead_letters(s: PubSubSettings, comments: Sequence[dict[str, str]], attrs: dict[str, str]) -> None:

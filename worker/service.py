@@ -563,6 +563,7 @@ class Worker:
             delivery_attempt=attempt or None,
             source_message_id=msg.message_id,
             source_subscription=self._sub_path,
+            ordering_key=msg.ordering_key,
         )
         self._publish(self._dl_topic, letter.data, letter.to_attributes(), ack_id, error_type)
 
