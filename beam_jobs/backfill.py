@@ -50,10 +50,7 @@ class BackfillConfig:
     max_body_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if self.backend not in ("tfserving", "saved_model"):
-            raise ValueError(f"backend must be tfserving or saved_model, not {self.backend!r}")
-        if self.backend == "saved_model" and not self.saved_model_dir:
-            raise ValueError("the saved_model backend needs saved_model_dir")
+        # Backend and model options are checked where scorers are made (serving.scorers), once.
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
 
@@ -75,15 +72,10 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
         self._config = config
 
     def load_model(self) -> Scorer:
+        from serving.scorers import make_scorer
+
         cfg = self._config
-        if cfg.backend == "tfserving":
-            from serving.client import TFServingScorer
-
-            return TFServingScorer.from_settings(cfg.client)
-        from serving.saved_model import SavedModelScorer
-
-        assert cfg.saved_model_dir is not None
-        return SavedModelScorer(cfg.saved_model_dir, version=cfg.client.model_version, model_name=cfg.client.model_name)
+        return make_scorer(cfg.backend, cfg.client, saved_model_dir=cfg.saved_model_dir)
 
     def run_inference(
         self, batch: Sequence[Comment], model: Scorer, inference_args: dict[str, Any] | None = None

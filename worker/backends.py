@@ -9,34 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from esp.errors import ConfigError
 from esp.scoring import Scorer
 from esp.settings import ModelClientSettings
 from esp.settings.worker import WorkerSettings
+from serving.scorers import make_scorer
 
 
 def build_scorer(worker: WorkerSettings, client: ModelClientSettings) -> tuple[Scorer, Callable[[], object]]:
     """The scorer and its readiness probe (raises while the model cannot serve)."""
-    if worker.backend == "tfserving":
-        from serving.client import TFServingScorer
-
-        # The client retries UNAVAILABLE inside its own budget before raising. The worker has its
-        # own retry loop that also pauses pulling and reports not ready, so the client's budget is
-        # capped at the worker's longest backoff: a blip is absorbed by the client, an outage is
-        # seen by the worker within seconds instead of after the client's whole budget.
-        scorer = TFServingScorer.from_settings(
-            client, retry_budget_s=min(client.model_retry_budget_s, worker.retry_max_backoff_s)
-        )
-        return scorer, scorer.check_ready
-    if client.model_version_label is not None:
-        raise ConfigError("--model-version-label needs a model server; with --backend saved_model use --model-version")
-    from serving.saved_model import SavedModelScorer
-
-    assert worker.saved_model_dir is not None  # WorkerSettings checks it
-    local = SavedModelScorer(
-        worker.saved_model_dir,
-        version=client.model_version,
-        model_name=client.model_name,
-        signature_name=client.model_signature,
+    # The client retries UNAVAILABLE inside its own budget before raising. The worker has its own
+    # retry loop that also pauses pulling and reports not ready, so the client's budget is capped at
+    # the worker's longest backoff: a blip is absorbed by the client, an outage is seen by the worker
+    # within seconds instead of after the client's whole budget.
+    scorer = make_scorer(
+        worker.backend,
+        client,
+        saved_model_dir=worker.saved_model_dir,
+        retry_budget_s=min(client.model_retry_budget_s, worker.retry_max_backoff_s),
     )
-    return local, local.check_ready
+    return scorer, scorer.check_ready  # type: ignore[attr-defined]

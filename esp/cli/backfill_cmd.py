@@ -28,14 +28,17 @@ def backfill(input_pattern: str, output: str, backend: str, saved_model_dir: str
     """
     from beam_jobs.backfill import BackfillConfig, run, summarize
 
-    if backend == "saved_model" and not saved_model_dir:
-        raise click.BadParameter("--backend saved_model needs --saved-model-dir", param_hint="--saved-model-dir")
+    from serving.scorers import check_options
+
+    client = build(ModelClientSettings, options)
+    # A wrong combination fails here in one line, not inside a Beam worker.
+    check_options(backend, client, saved_model_dir)
     config = BackfillConfig(
         input=input_pattern,
         output=output,
         backend=backend,
         saved_model_dir=saved_model_dir,
-        client=build(ModelClientSettings, options),
+        client=client,
         max_batch_size=max_batch_size,
         max_body_bytes=build(CommentSettings, options).max_body_bytes,
     )

@@ -127,15 +127,9 @@ def score(texts: tuple[str, ...], saved_model: str | None, as_json: bool, **opti
     from esp.scoring import ScoringError
 
     settings = build(ModelClientSettings, options)
-    if saved_model:
-        from serving.saved_model import SavedModelScorer
+    from serving.scorers import make_scorer
 
-        scorer = SavedModelScorer(saved_model, version=settings.model_version, model_name=settings.model_name,
-                                  signature_name=settings.model_signature)
-    else:
-        from serving.client import TFServingScorer
-
-        scorer = TFServingScorer.from_settings(settings)
+    scorer = make_scorer("saved_model" if saved_model else "tfserving", settings, saved_model_dir=saved_model)
     try:
         output = scorer.predict(list(texts))
     except ScoringError as exc:
