@@ -43,22 +43,6 @@ class ErrorType:
     MODEL_REJECTED = "model_rejected"
 
 
-# Poison error types: the message itself is at fault and no retry can help.
-POISON_ERROR_TYPES = frozenset(
-    {
-        ErrorType.INVALID_UTF8,
-        ErrorType.BODY_TOO_LARGE,
-        ErrorType.INVALID_JSON,
-        ErrorType.NOT_AN_OBJECT,
-        ErrorType.MISSING_ID,
-        ErrorType.INVALID_ID,
-        ErrorType.MISSING_TEXT,
-        ErrorType.NON_STRING_TEXT,
-        ErrorType.EMPTY_TEXT,
-    }
-)
-
-
 class Stage:
     """Where in ESP a message failed: the `esp_stage` of its dead letter."""
 

@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from esp.errors import ServiceUnreachable
@@ -230,9 +230,3 @@ def isolated_pubsub_settings(emulator_host: str, *, prefix: str = "esp", **overr
     )
     values.update(overrides)
     return PubSubSettings(**values)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def pubsub_emulator(log_path: Path | None = None) -> Iterator[PubSubEmulator]:
-    with PubSubEmulator(log_path=log_path) as emulator:
-        yield emulator  # type: ignore[misc]

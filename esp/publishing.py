@@ -252,17 +252,8 @@ def publish_file(
     return summary
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress_bar(path: str, *, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(desc=f"publishing {Path(path).name if path != '-' else 'stdin'}", unit=" msgs", file=sys.stderr)
+    name = Path(path).name if path != "-" else "stdin"
+    return tqdm(desc=f"publishing {name}", unit=" msgs", file=sys.stderr, disable=not enabled)
