@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -107,7 +108,7 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
 
     _step(2, total, "starting Google's Pub/Sub emulator")
     emulator = PubSubEmulator(log_path=WORK / "emulator.log").start()
-    server = worker = None
+    server = worker = publisher = subscriber = None
     try:
         pubsub = PubSubSettings(project="esp-demo", emulator_host=emulator.host)
         click.echo(f"      emulator on {emulator.host} (pid {emulator.pid})", err=True)
@@ -141,34 +142,33 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
         scores: dict[str, dict] = {}
         duplicates = 0
 
-        def collect_scores() -> bool:
+        def keep_score(message: Any) -> None:
             nonlocal duplicates
-            resp = subscriber.pull(request={"subscription": scores_sub, "max_messages": 1000}, timeout=10)
-            for m in resp.received_messages:
-                record = parse_score(m.message.data)
-                duplicates += record["id"] in scores
-                scores[record["id"]] = record
-            if resp.received_messages:
-                subscriber.acknowledge(
-                    request={"subscription": scores_sub, "ack_ids": [m.ack_id for m in resp.received_messages]}
-                )
+            record = parse_score(message.data)
+            duplicates += record["id"] in scores
+            scores[record["id"]] = record
+
+        scores_reader = _Reader(subscriber, scores_sub, keep_score)
+
+        def all_scored() -> bool:
+            scores_reader.pull()
             return expected <= scores.keys()
 
-        _wait_for(collect_scores, timeout_s, f"{len(expected)} scores")
+        _wait_for(all_scored, timeout_s, f"{len(expected)} scores")
         seconds = time.monotonic() - started
 
         dead: list[DeadLetter] = []
-        dl_sub = pubsub.subscription_path(pubsub.dead_letter_subscription)
+        dead_reader = _Reader(
+            subscriber,
+            pubsub.subscription_path(pubsub.dead_letter_subscription),
+            lambda message: dead.append(DeadLetter.from_pubsub(message.data, dict(message.attributes))),
+        )
 
-        def collect_dead_letters() -> bool:
-            resp = subscriber.pull(request={"subscription": dl_sub, "max_messages": 100}, timeout=10)
-            for m in resp.received_messages:
-                dead.append(DeadLetter.from_pubsub(m.message.data, dict(m.message.attributes)))
-            if resp.received_messages:
-                subscriber.acknowledge(request={"subscription": dl_sub, "ack_ids": [m.ack_id for m in resp.received_messages]})
+        def all_dead_lettered() -> bool:
+            dead_reader.pull()
             return len(dead) >= len(POISON)
 
-        _wait_for(collect_dead_letters, 60, f"{len(POISON)} dead letters")
+        _wait_for(all_dead_lettered, 60, f"{len(POISON)} dead letters")
 
         _step(7, total, "stopping the worker (SIGTERM: drain, flush, exit 0), the model server and the emulator")
         code = worker.stop(timeout_s=60)
@@ -181,7 +181,28 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
             worker.stop()
         if server is not None:
             server.stop()
+        if publisher is not None:
+            publisher.stop()
+        if subscriber is not None:
+            subscriber.close()
         emulator.stop()
+
+
+class _Reader:
+    """Pulls one batch from a subscription, hands each message to `handle`, acks them."""
+
+    def __init__(self, subscriber: Any, subscription: str, handle: Callable[[Any], None]) -> None:
+        self._subscriber = subscriber
+        self._subscription = subscription
+        self._handle = handle
+
+    def pull(self) -> None:
+        resp = self._subscriber.pull(request={"subscription": self._subscription, "max_messages": 1000}, timeout=10)
+        for received in resp.received_messages:
+            self._handle(received.message)
+        if resp.received_messages:
+            ack_ids = [m.ack_id for m in resp.received_messages]
+            self._subscriber.acknowledge(request={"subscription": self._subscription, "ack_ids": ack_ids})
 
 
 def _labels_of_samples() -> dict[str, dict]:
