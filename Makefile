@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt 2>/dev/null | 
 
 DATA_DIR ?= artifacts/data
 
-.PHONY: install demo test docs clean help data model bench
+.PHONY: install system-packages demo test docs clean help data model bench
 
 help:
 	@echo "make demo     set up, then run ESP end to end locally (emulator, model server, worker)"
@@ -17,7 +17,19 @@ help:
 	@echo "make bench    the serving and worker benchmarks on the default model (docs/serving.md, docs/worker.md)"
 	@echo "make docs     regenerate the README's configuration table"
 
-install: $(STAMP)
+install: system-packages $(STAMP)
+
+# Debian packages some tests need (one per line in system-packages.txt); installed when missing, so a
+# fresh CI machine gets them. Without root, say which and stop.
+SYSTEM_PACKAGES := $(shell grep -v '^\s*\#' system-packages.txt 2>/dev/null)
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing Debian packages: $$missing (run: sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
