@@ -11,7 +11,8 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -37,23 +38,14 @@ def proxy(emulator: PubSubEmulator) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def running() -> Iterator[list[Worker]]:
-    workers: list[Worker] = []
-    try:
-        yield workers
-    finally:
-        for w in workers:
-            if not w._stop.is_set():
-                w.stop()
+def start(in_process: Callable[..., Worker], stream: Stream) -> Callable[..., Worker]:
+    """start(scorer, proxy=None, **overrides): a worker in this process, through the fault proxy if given."""
 
+    def start(scorer: Any, proxy: FaultProxy | None = None, **overrides: object) -> Worker:
+        pubsub = stream.settings if proxy is None else dataclasses.replace(stream.settings, emulator_host=proxy.host)
+        return in_process(scorer, pubsub, **overrides)
 
-def start(running: list[Worker], scorer, stream: Stream, proxy: FaultProxy | None = None, **overrides: object) -> Worker:  # type: ignore[no-untyped-def]
-    pubsub = stream.settings if proxy is None else dataclasses.replace(stream.settings, emulator_host=proxy.host)
-    settings, batching = fast_worker_settings(**overrides)
-    worker = Worker(scorer, pubsub=pubsub, settings=settings, batching=batching, probe=getattr(scorer, "probe", None)).start()
-    running.append(worker)
-    wait_until(worker.ready, timeout_s=10, what="the worker to become ready")
-    return worker
+    return start
 
 
 def letters(stream: Stream) -> list[DeadLetter]:
@@ -84,8 +76,8 @@ HOSTILE = [
 ]
 
 
-def test_hostile_bodies_never_stop_the_worker_and_everything_after_them_is_scored(stream: Stream, running: list[Worker]) -> None:
-    worker = start(running, SumScorer(), stream)
+def test_hostile_bodies_never_stop_the_worker_and_everything_after_them_is_scored(stream: Stream, start: Callable[..., Worker]) -> None:
+    worker = start(SumScorer())
     stream.publish([body for body, _ in HOSTILE], esp_reason="forged by a producer", origin="fuzz")
     stream.publish_comments([(f"after-{i}", f"ordinary comment {i}") for i in range(300)])
     stream.collect(scores=300, dead_letters=len(HOSTILE), timeout_s=60)
@@ -101,10 +93,10 @@ def test_hostile_bodies_never_stop_the_worker_and_everything_after_them_is_score
 
 
 def test_comments_the_model_cannot_score_alone_are_isolated_then_dead_lettered_on_their_last_attempt(
-    stream: Stream, running: list[Worker]
+    stream: Stream, start: Callable[..., Worker]
 ) -> None:
     scorer = Crashing(BadOutputs(SumScorer()))
-    start(running, scorer, stream, max_batch_latency_ms=50.0)
+    start(scorer, max_batch_latency_ms=50.0)
     good = [(f"g-{i}", f"good comment {i}") for i in range(30)]
     stream.publish_comments(good[:15] + [("nan-1", "<<NAN>> gives NaN"), ("crash-1", "<<CRASH>> raises")] + good[15:])
     # Nacked on each attempt before the last (5, the subscription's policy), then dead-lettered by ESP.
@@ -118,10 +110,10 @@ def test_comments_the_model_cannot_score_alone_are_isolated_then_dead_lettered_o
 
 
 def test_a_model_that_rejects_everything_pauses_the_worker_instead_of_dead_lettering_the_stream(
-    stream: Stream, running: list[Worker]
+    stream: Stream, start: Callable[..., Worker]
 ) -> None:
     scorer = Broken(SumScorer())
-    worker = start(running, scorer, stream)
+    worker = start(scorer)
     scorer.broken.set()  # a pushed version that wants another input dtype
     stream.publish_comments([(f"m-{i}", f"comment {i}") for i in range(60)])
     wait_until(lambda: sample(worker, "esp_model_faults_total") >= 1, timeout_s=15, what="the canary to report a model fault")
@@ -142,11 +134,11 @@ def test_a_model_that_rejects_everything_pauses_the_worker_instead_of_dead_lette
 
 @pytest.mark.parametrize("topic", ["scores", "dead_letter"])
 def test_a_topic_outage_pauses_holds_leases_and_loses_nothing(
-    stream: Stream, running: list[Worker], proxy: FaultProxy, topic: str
+    stream: Stream, start: Callable[..., Worker], proxy: FaultProxy, topic: str
 ) -> None:
     s = stream.settings
     topic_path = s.topic_path(s.scores_topic if topic == "scores" else s.dead_letter_topic)
-    worker = start(running, SumScorer(), stream, proxy)
+    worker = start(SumScorer(), proxy)
     rule = proxy.add(Rule(PUBLISH, grpc.StatusCode.UNAVAILABLE, "topic unavailable (injected)", publish_to(topic_path)))
     stream.publish_comments([(f"t-{i}", f"comment during the outage {i}") for i in range(40)])
     stream.publish([b"not json at all"] * 3)
@@ -166,10 +158,10 @@ def test_a_topic_outage_pauses_holds_leases_and_loses_nothing(
 
 
 def test_a_score_pubsub_refuses_is_bisected_out_and_dead_lettered_with_the_reason(
-    stream: Stream, running: list[Worker], proxy: FaultProxy
+    stream: Stream, start: Callable[..., Worker], proxy: FaultProxy
 ) -> None:
     s = stream.settings
-    worker = start(running, SumScorer(), stream, proxy, max_batch_latency_ms=100.0)
+    worker = start(SumScorer(), proxy, max_batch_latency_ms=100.0)
     proxy.add(Rule(PUBLISH, grpc.StatusCode.INVALID_ARGUMENT, "message refused (injected)",
                    publish_containing(s.topic_path(s.scores_topic), b'"id":"refused-1"')))
     stream.publish_comments([(f"n-{i}", f"neighbour {i}") for i in range(10)] + [("refused-1", "its score is refused")])
@@ -182,12 +174,12 @@ def test_a_score_pubsub_refuses_is_bisected_out_and_dead_lettered_with_the_reaso
 
 
 def test_failed_lease_extensions_are_retried_before_the_lease_runs_out(
-    stream: Stream, running: list[Worker], proxy: FaultProxy
+    stream: Stream, start: Callable[..., Worker], proxy: FaultProxy
 ) -> None:
     # The subscription's ack deadline is 10 s: leases are extended half-way, at 5 s. Extensions fail
     # for 2 s; the worker must keep retrying (every second) and win before 10 s, so nothing is redelivered.
     gate = threading.Event()
-    worker = start(running, BlockingScorer(gate), stream, proxy, lease_extension_s=10, lease_margin_s=5.0)
+    worker = start(BlockingScorer(gate), proxy, lease_extension_s=10, lease_margin_s=5.0)
     stream.publish_comments([(f"l-{i}", f"held comment {i}") for i in range(5)])
     wait_until(lambda: worker._ledger.count == 5, timeout_s=10, what="five comments held")
     rule = proxy.add(Rule(MODIFY_ACK_DEADLINE, grpc.StatusCode.UNAVAILABLE, "lease extension unavailable (injected)"))
