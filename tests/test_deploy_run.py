@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from esp.contracts import Comment
 from esp.settings import PubSubSettings, from_env
@@ -35,8 +36,47 @@ START_TIMEOUT_S = 240.0
 GMP_COLLECTOR = netpol.Peer.pod("gmp-system", {"app.kubernetes.io/name": "collector"})
 
 
-def _overlay_id(path: Path) -> str:
-    return path.name
+COMPONENTS = local.ROOT / "k8s" / "components"
+TLS_HOST = "tf-serving.esp.svc.cluster.local"
+
+
+def _variants() -> list[tuple[Path, str | None]]:
+    """Every overlay as it is, and the production overlay with each optional component added."""
+    overlays = local.overlay_dirs()
+    variants: list[tuple[Path, str | None]] = [(o, None) for o in overlays]
+    production = [o for o in overlays if o.name == "production"]
+    variants += [(production[0], c.name) for c in sorted(COMPONENTS.iterdir()) if production and (c / "kustomization.yaml").is_file()]
+    return variants
+
+
+def _variant_id(variant: tuple[Path, str | None]) -> str:
+    overlay, component = variant
+    return overlay.name + (f"+{component}" if component else "")
+
+
+def _with_component(overlay: Path, component: str) -> Path:
+    """An overlay of `overlay` plus the component, with the Secrets the component's docs create
+    (for tls: a certificate for TF Serving's Service name, and 127.0.0.1 where the pods reach it)."""
+    staged = local.scratch_dir(f"overlay-{component}")
+    kustomization: dict = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(overlay, staged)],
+        "components": [os.path.relpath(COMPONENTS / component, staged)],
+    }
+    if component == "tls":
+        from tests.fixtures.tls import self_signed, ssl_config
+
+        cert, key = self_signed(dns_names=(TLS_HOST,), ips=("127.0.0.1",))
+        (staged / "ssl.config").write_text(ssl_config(cert, key))
+        (staged / "ca.pem").write_bytes(cert)
+        kustomization["secretGenerator"] = [
+            {"name": "tf-serving-tls", "namespace": "esp", "files": ["ssl.config"]},
+            {"name": "tf-serving-ca", "namespace": "esp", "files": ["ca.pem"]},
+        ]
+        kustomization["generatorOptions"] = {"disableNameSuffixHash": True}
+    (staged / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return staged
 
 
 def _stage_gcs(manifests: list[dict], model_base: Path) -> Path:
@@ -82,9 +122,13 @@ def _backends_first(manifests: list[dict]) -> list[str]:
     return first
 
 
-@pytest.fixture(scope="module", params=local.overlay_dirs(), ids=_overlay_id)
+@pytest.fixture(scope="module", params=_variants(), ids=_variant_id)
 def cluster(request: pytest.FixtureRequest, emulator, test_model_base: Path) -> Iterator[local.LocalCluster]:
-    manifests = local.build_overlay(request.param)
+    overlay, component = request.param
+    staged = _with_component(overlay, component) if component else None
+    manifests = local.build_overlay(staged or overlay)
+    if staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)
     gcs = _stage_gcs(manifests, test_model_base)
     # The topics and subscriptions, as docs/deploy.md creates them: `esp pubsub init` with the
     # worker's own settings.
