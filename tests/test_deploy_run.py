@@ -11,6 +11,7 @@ docs/deploy.md grants it, and SIGTERM must end every container cleanly inside it
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from esp.contracts import Comment
 from esp.settings import PubSubSettings, from_env
@@ -34,49 +34,6 @@ from tests.fixtures.pubsub import create_subscription, pull_until
 
 START_TIMEOUT_S = 240.0
 GMP_COLLECTOR = netpol.Peer.pod("gmp-system", {"app.kubernetes.io/name": "collector"})
-
-
-COMPONENTS = local.ROOT / "k8s" / "components"
-TLS_HOST = "tf-serving.esp.svc.cluster.local"
-
-
-def _variants() -> list[tuple[Path, str | None]]:
-    """Every overlay as it is, and the production overlay with each optional component added."""
-    overlays = local.overlay_dirs()
-    variants: list[tuple[Path, str | None]] = [(o, None) for o in overlays]
-    production = [o for o in overlays if o.name == "production"]
-    variants += [(production[0], c.name) for c in sorted(COMPONENTS.iterdir()) if production and (c / "kustomization.yaml").is_file()]
-    return variants
-
-
-def _variant_id(variant: tuple[Path, str | None]) -> str:
-    overlay, component = variant
-    return overlay.name + (f"+{component}" if component else "")
-
-
-def _with_component(overlay: Path, component: str) -> Path:
-    """An overlay of `overlay` plus the component, with the Secrets the component's docs create
-    (for tls: a certificate for TF Serving's Service name, and 127.0.0.1 where the pods reach it)."""
-    staged = local.scratch_dir(f"overlay-{component}")
-    kustomization: dict = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(overlay, staged)],
-        "components": [os.path.relpath(COMPONENTS / component, staged)],
-    }
-    if component == "tls":
-        from tests.fixtures.tls import self_signed, ssl_config
-
-        cert, key = self_signed(dns_names=(TLS_HOST,), ips=("127.0.0.1",))
-        (staged / "ssl.config").write_text(ssl_config(cert, key))
-        (staged / "ca.pem").write_bytes(cert)
-        kustomization["secretGenerator"] = [
-            {"name": "tf-serving-tls", "namespace": "esp", "files": ["ssl.config"]},
-            {"name": "tf-serving-ca", "namespace": "esp", "files": ["ca.pem"]},
-        ]
-        kustomization["generatorOptions"] = {"disableNameSuffixHash": True}
-    (staged / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    return staged
 
 
 def _stage_gcs(manifests: list[dict], model_base: Path) -> Path:
@@ -122,13 +79,9 @@ def _backends_first(manifests: list[dict]) -> list[str]:
     return first
 
 
-@pytest.fixture(scope="module", params=_variants(), ids=_variant_id)
+@pytest.fixture(scope="module", params=local.variants(), ids=local.variant_id)
 def cluster(request: pytest.FixtureRequest, emulator, test_model_base: Path) -> Iterator[local.LocalCluster]:
-    overlay, component = request.param
-    staged = _with_component(overlay, component) if component else None
-    manifests = local.build_overlay(staged or overlay)
-    if staged is not None:
-        shutil.rmtree(staged, ignore_errors=True)
+    manifests = local.build_variant(request.param)
     gcs = _stage_gcs(manifests, test_model_base)
     # The topics and subscriptions, as docs/deploy.md creates them: `esp pubsub init` with the
     # worker's own settings.
@@ -311,7 +264,9 @@ def test_alert_policies_read_series_that_are_scraped(ready: local.LocalCluster) 
     assert not missing, "alerts read series no pod exposes:\n" + "\n".join(missing)
 
 
-def test_comments_published_to_the_manifests_topic_come_back_scored(ready: local.LocalCluster, emulator) -> None:
+@pytest.fixture(scope="module")
+def scored(ready: local.LocalCluster, emulator) -> tuple[set[str], set[str]]:
+    """Publishes comments to the manifests' comments topic; returns (ids sent, ids scored)."""
     env = {}
     for pod in ready.pods.values():
         for container in pod.containers:
@@ -331,10 +286,12 @@ def test_comments_published_to_the_manifests_topic_come_back_scored(ready: local
     finally:
         publisher.stop()
     got = pull_until(settings, sub, len(ids), timeout_s=90)
-    import json
+    return set(ids), {json.loads(m.message.data)["id"] for m in got}
 
-    scored = {json.loads(m.message.data)["id"] for m in got}
-    assert scored >= set(ids), f"scores for {sorted(set(ids) - scored)} never arrived"
+
+def test_comments_published_to_the_manifests_topic_come_back_scored(scored: tuple[set[str], set[str]]) -> None:
+    sent, back = scored
+    assert back >= sent, f"scores for {sorted(sent - back)} never arrived"
 
 
 def test_pods_reach_what_the_data_flow_needs_and_nothing_else(ready: local.LocalCluster) -> None:
@@ -361,12 +318,12 @@ def test_pods_reach_what_the_data_flow_needs_and_nothing_else(ready: local.Local
         assert not policies.allows(pod, netpol.Peer.external("203.0.113.7"), 80), "egress is open beyond 443"
 
 
-def test_the_worker_rpcs_are_allowed_by_its_documented_iam_roles(ready: local.LocalCluster) -> None:
-    # The scored flow above made the worker do its job; its proxy saw every Pub/Sub RPC.
+def test_the_worker_rpcs_are_allowed_by_its_documented_iam_roles(ready: local.LocalCluster, scored: tuple[set[str], set[str]]) -> None:
+    # Scoring made the worker do its whole job; its proxy saw every Pub/Sub RPC it made.
     worker = next(p for p in ready.pods.values() if p.deployment["metadata"]["name"] == "esp-worker")
     assert worker.proxy is not None
     methods = sorted(worker.proxy.methods)
-    assert "/google.pubsub.v1.Subscriber/Acknowledge" in methods, methods
+    assert {"/google.pubsub.v1.Subscriber/Acknowledge", "/google.pubsub.v1.Publisher/Publish"} <= set(methods), methods
     account = worker.spec["serviceAccountName"]
     missing = iam.missing_permissions(account, methods)
     assert not missing, f"docs/deploy.md's roles for {account} lack {missing} (the worker called {methods})"
