@@ -663,6 +663,7 @@ class ModelServer:
         self._server: grpc.Server | None = None
         self._endpoints: list[rest.HttpEndpoint] = []
         self._failure: str | None = None
+        self._running = False
         self.servicer: Servicer | None = None
         self.port = 0
         self.metrics_port = 0
@@ -675,9 +676,13 @@ class ModelServer:
         return model.run(signature, inputs)
 
     def start(self) -> None:
+        """Binds every port, loads the models, then starts serving.
+
+        Ports are bound first, so one in use fails start-up at once rather than after the models
+        have loaded; nothing answers before the models are loaded (TF Serving opens its ports
+        after its initial load too).
+        """
         cfg = self.config
-        self.manager.reconcile_all()
-        self.manager.start_polling()
         if cfg.batching is not None:
             self.batcher = BatchScheduler(self._run_batch, cfg.batching, on_batch=self.metrics.batch_rows.observe)
         interceptors = [RequireMetadata(cfg.required_metadata)] if cfg.required_metadata else []
@@ -711,21 +716,26 @@ class ModelServer:
             else:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC: {exc}") from None
         if not self.port:
-            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")
-        self._server.start()
+            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC (in use?)")
         if cfg.rest_port:
             routes = [rest.model_route(self._rest_status, self._rest_metadata, self.failure, RequestError)]
             if cfg.monitoring_path:
                 routes.insert(0, rest.metrics_route(cfg.monitoring_path, self.metrics.page))
             endpoint = rest.HttpEndpoint("REST API", cfg.host, cfg.rest_port, routes)
-            self._endpoints.append(endpoint.start())
+            self._endpoints.append(endpoint)
             self.rest_port = endpoint.port
         if cfg.metrics_port:
             endpoint = rest.HttpEndpoint("metrics", cfg.host, cfg.metrics_port, [rest.metrics_route("/metrics", self.metrics.page)])
-            self._endpoints.append(endpoint.start())
+            self._endpoints.append(endpoint)
             self.metrics_port = endpoint.port
+        self.manager.reconcile_all()
+        self.manager.start_polling()
+        self._server.start()
+        for endpoint in self._endpoints:
+            endpoint.start()
+        self._running = True
         log.info(
             "gRPC on %s:%d, REST on %s, metrics on %s",
             cfg.host, self.port, self.rest_port or "off", cfg.monitoring_path if cfg.rest_port and cfg.monitoring_path else self.metrics_port or "off",
@@ -744,7 +754,7 @@ class ModelServer:
 
         Once set it stays set: a server that lost a thread is restarted, not trusted again.
         """
-        if self._failure is None and not self._stopping:
+        if self._failure is None and self._running and not self._stopping:
             if self._server is not None and not self._server.wait_for_termination(timeout=0):
                 self._failure = "the gRPC server terminated"
             elif (crash := self.manager.poller_failure()) is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def _read_text_proto(path: str, message: object, what: str) -> None:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Fails at once on a port in use, before TensorFlow takes seconds to load; binding it for
+    real later still catches a port taken in between."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind: a port left in TIME_WAIT is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
 
 
 def _monitoring_path(path: str | None) -> str | None:
@@ -131,9 +146,14 @@ def serve(**options: object) -> None:
         )
         if settings.batching_parameters_file:
             batching = read_batching_parameters(settings.batching_parameters_file, batching)
+    # Every file is read, and every port tried, before TensorFlow loads: a wrong path or a port
+    # in use fails in a moment, not after seconds.
+    cert, key, client_ca, require_client_auth = _tls(settings)
+    monitoring_path = _monitoring_path(settings.monitoring_config_file)
+    for port, what in ((settings.port, "gRPC"), (settings.rest_api_port, "the REST API"), (settings.metrics_port, "metrics")):
+        _check_port_free(settings.bind_host, port, what)
     from serving.server import ModelServer, ServerConfig, serve_forever
 
-    cert, key, client_ca, require_client_auth = _tls(settings)
     config = ServerConfig(
         sources=sources,
         config_file=settings.model_config_file,
@@ -147,7 +167,7 @@ def serve(**options: object) -> None:
         batching=batching,
         required_metadata=settings.required_metadata(),
         rest_port=settings.rest_api_port,
-        monitoring_path=_monitoring_path(settings.monitoring_config_file),
+        monitoring_path=monitoring_path,
         channel_arguments=settings.channel_arguments(),
         gcs_local_dir=settings.gcs_local_dir,
         tls_cert_chain=cert,
@@ -175,15 +195,22 @@ def serve(**options: object) -> None:
         for name, model in sorted(server.manager.models.items()):
             log.info("model %s now serves versions %s", name, model.available_versions())
 
-    failure = serve_forever(ModelServer(config), on_ready=announce, on_change=changed)
-    if failure is not None:
-        click.echo(f"esp: error: esp serve stopped: {failure}", err=True)
+    code = 0
+    try:
+        failure = serve_forever(ModelServer(config), on_ready=announce, on_change=changed)
+    except EspError as exc:  # a start-up failure (a port in use): one line, as the `esp` group prints it
+        click.echo(f"esp: error: {exc}", err=True)
+        code = exc.exit_code
+    else:
+        if failure is not None:
+            click.echo(f"esp: error: esp serve stopped: {failure}", err=True)
+            code = EspError.exit_code
     # Drained and stopped. Skip the interpreter's TensorFlow teardown, which takes seconds and
     # has nothing left to flush: a restarting pod or test fixture should not wait for it.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EspError.exit_code if failure is not None else 0)
+    os._exit(code)
 
 
 @click.command()
