@@ -112,8 +112,10 @@ def serve(**options: object) -> None:
 
     Stands in for TF Serving where it cannot be installed: the same SavedModel layout
     (<base>/<version>/), version policies and labels (--model-config-file in TF Serving's format),
-    warmup, status codes and batching parameters. Prints "serving model NAME version N on
-    HOST:PORT" once every model has a version taking traffic; stops cleanly on SIGTERM.
+    warmup, status codes and batching parameters, TF Serving's REST model status and Prometheus
+    page (--rest-api-port, --monitoring-config-file), its gRPC server arguments and SSL config.
+    Prints "serving model NAME version N on HOST:PORT" once every model has a version taking
+    traffic; stops cleanly on SIGTERM, and exits non-zero if a part of it dies.
     """
     import logging
 
