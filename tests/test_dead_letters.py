@@ -9,6 +9,7 @@ are made for real, by nacking a comment on the worker's subscription until Pub/S
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -111,11 +112,11 @@ def worker_dead_letter(
         source_subscription="comments-scoring",
         ordering_key=ordering_key,
     )
-    attrs = letter.to_attributes()
     if parked:
-        attrs[ATTR_PARKED] = "true"
+        letter = dataclasses.replace(letter, parked=True)
     # The worker keeps the comment's ordering key as the esp_ordering_key attribute and publishes
     # the dead letter itself without a key.
+    data, attrs = letter.to_message()
     return data, attrs, ""
 
 
@@ -185,7 +186,7 @@ def drain(s: PubSubSettings, subscription: str, *, idle_s: float = 1.0, timeout_
 
 def held(s: PubSubSettings) -> list[Letter]:
     """Every dead letter now on the hold subscription (read without consuming)."""
-    return peek(s, FAST, Filter(), max_messages=None).letters
+    return peek(s, FAST, Filter(), max_messages=None).items
 
 
 def comment_ids(letters: Sequence[Letter]) -> collections.Counter:
@@ -643,17 +644,15 @@ def test_rate_limiter_paces_without_bursting_after_a_pause() -> None:
 
 
 def test_export_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
-    from esp.dead_letters import write_jsonl_atomically
+    from esp.dead_letters import atomic_jsonl
 
     path = tmp_path / "dead.jsonl"
-    assert write_jsonl_atomically(path, [{"a": 1}, {"b": "ü"}]) == 2
+    with atomic_jsonl(path) as f:
+        f.write('{"a": 1}\n{"b": "ü"}\n')
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "ü"}\n'
 
-    def broken() -> Iterator[dict[str, int]]:
-        yield {"c": 3}
+    with pytest.raises(RuntimeError), atomic_jsonl(path) as f:
+        f.write('{"c": 3}\n')
         raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError):
-        write_jsonl_atomically(path, broken())
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "ü"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["dead.jsonl"]

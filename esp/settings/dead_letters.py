@@ -36,6 +36,12 @@ class DeadLetterSettings:
         help="Keep scanning at least this long, seconds, even when the subscription looks empty. After an "
         "interrupted run, set it to the lease (--dead-letter-lease-s) so the messages that run held are seen.",
     )
+    max_scan_s: float = setting(
+        1800.0,
+        env="ESP_DEAD_LETTER_MAX_SCAN_S",
+        help="A scan ends after this long, seconds, even while dead letters keep arriving (Pub/Sub cannot tell "
+        "which were there when it began); the summary says so and a re-run continues.",
+    )
     replay_window: int = setting(
         100,
         env="ESP_REPLAY_WINDOW",
@@ -47,6 +53,8 @@ class DeadLetterSettings:
         require(10 <= self.dead_letter_lease_s <= 600, "dead_letter_lease_s must be between 10 and 600 (Pub/Sub's limits)")
         require(self.pull_idle_s > 0, "pull_idle_s must be positive")
         require(self.min_scan_s >= 0, "min_scan_s must be 0 or more")
+        require(self.max_scan_s > 0, "max_scan_s must be positive")
+        require(self.max_scan_s >= self.min_scan_s, "max_scan_s must be at least min_scan_s")
         require(1 <= self.replay_window <= 1000, "replay_window must be between 1 and 1000")
         if self.park_topic is not None:
             require(
