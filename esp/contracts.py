@@ -235,6 +235,9 @@ ATTR_BODY_BYTES = "esp_body_bytes"
 ATTR_ENVELOPE = "esp_envelope"
 # A producer's attribute in ESP's namespace, renamed: `esp_orig.esp_parked` was `esp_parked`.
 ORIGINAL_PREFIX = "esp_orig."
+# Attribute names the Python client's publish(topic, data, ordering_key=, retry=, timeout=, **attrs)
+# cannot take as keyword arguments; renamed the same way, so a dead letter can go through it.
+CLIENT_KEYWORDS = frozenset({"self", "topic", "data", "ordering_key", "retry", "timeout"})
 # Added by Pub/Sub itself when its dead-letter policy forwards a message.
 POLICY_ATTR_PREFIX = "CloudPubSubDeadLetterSource"
 POLICY_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
@@ -378,8 +381,13 @@ def pubsub_message_bytes(data: bytes, attributes: Mapping[str, str], ordering_ke
     return _field_bytes(size)
 
 
+def _renamed(key: str) -> bool:
+    """Whether an original attribute travels on a dead letter as `esp_orig.<key>`."""
+    return in_esp_namespace(key) or key in CLIENT_KEYWORDS
+
+
 def _wire_name(key: str) -> str:
-    return ORIGINAL_PREFIX + key if in_esp_namespace(key) else key
+    return ORIGINAL_PREFIX + key if _renamed(key) else key
 
 
 def _seal(header: Mapping[str, Any]) -> bytes:
@@ -460,9 +468,10 @@ class DeadLetter:
             ATTR_STAGE: self.stage,
             ATTR_ERROR_TYPE: self.error_type,
             ATTR_REASON: self.reason,
-            ATTR_WORKER: self.worker,
             ATTR_TIME: rfc3339(as_utc(self.time) or utc_now()),
         }
+        if self.worker:
+            esp[ATTR_WORKER] = self.worker
         if self.delivery_attempt is not None:
             esp[ATTR_DELIVERY_ATTEMPT] = str(self.delivery_attempt)
         if self.source_message_id:
@@ -570,7 +579,7 @@ def _read_esp_letter(data: bytes, attrs: dict[str, str], when: dt.datetime | Non
     problems: list[str] = []
     original: dict[str, str] = {}
     for key, value in attrs.items():
-        if key.startswith(ORIGINAL_PREFIX) and in_esp_namespace(key[len(ORIGINAL_PREFIX) :]):
+        if key.startswith(ORIGINAL_PREFIX) and _renamed(key[len(ORIGINAL_PREFIX) :]):
             original[key[len(ORIGINAL_PREFIX) :]] = value
         elif not key.startswith(ATTR_PREFIX):
             original[key] = value
