@@ -612,12 +612,15 @@ def _read_esp_letter(data: bytes, attrs: dict[str, str], when: dt.datetime | Non
     parked = parsed(ATTR_PARKED, {"true": True, "false": False}.get, False)
     kind = parsed(ATTR_KIND, lambda v: v if v in KINDS else None, KIND_WORKER)
     sha256, size = None, None
-    marked = parsed(ATTR_KEPT, lambda v: v if v in KEPT and v != KEPT_WHOLE else None, KEPT_WHOLE)
+    marked = attrs.get(ATTR_KEPT, KEPT_WHOLE)
     if marked == KEPT_BODY_CUT:
         sha256, size = attrs.get(ATTR_BODY_SHA256, ""), _plain_decimal(attrs.get(ATTR_BODY_BYTES), 9)
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256) or size is None or size < len(body):
             problems.append("esp_kept=body_cut without a valid esp_body_sha256 and esp_body_bytes")
             marked, sha256, size = KEPT_DAMAGED, None, None
+    elif marked not in (KEPT_WHOLE, KEPT_DAMAGED):
+        problems.append(f"{ATTR_KEPT}={_cut_short(marked)} does not read")
+        marked = KEPT_DAMAGED
     if kept == KEPT_WHOLE:
         kept = marked
     error_type, reason = attrs[ATTR_ERROR_TYPE], attrs.get(ATTR_REASON, "")

@@ -74,14 +74,16 @@ bodies = st.binary(max_size=300) | st.sampled_from(
 times = st.datetimes(timezones=st.just(dt.timezone.utc))
 
 
-def received(data: bytes, attrs: dict[str, str], ordering_key: str = "", when: dt.datetime | None = None) -> Any:
+def received(
+    data: bytes, attrs: dict[str, str], ordering_key: str = "", when: dt.datetime | None = None, message_id: str = "m-1"
+) -> Any:
     """A real ReceivedMessage, as a pull returns it."""
     from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
 
     message = PubsubMessage(
         data=data,
         attributes=attrs,
-        message_id="m-1",
+        message_id=message_id,
         publish_time=when or dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
         ordering_key=ordering_key,
     )

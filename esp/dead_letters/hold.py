@@ -31,13 +31,19 @@ PULL_MAX = 1000
 ACK_CHUNK = 1000
 # A pull asks for about this many bytes' worth of messages, by the average size seen so far, so
 # that large dead letters (up to 10 MB each) are pulled a few at a time.
-PULL_BYTES_TARGET = 16 * 1024 * 1024
+PULL_BYTES_TARGET = 4 * 1024 * 1024
 # Between two empty pulls, so an idle wait does not spin on the server.
 EMPTY_PULL_PAUSE_S = 0.2
-# One Pull call's deadline: an empty subscription holds a pull open (the emulator for about a
-# second), so a pull never waits longer than the idle window has left, nor less than the minimum.
+# One Pull call's deadline. An empty subscription holds a pull open and answers "nothing" shortly
+# before the deadline (the emulator about a second before), so this bounds how long "idle" takes
+# to notice; a pull of large messages gets more time for the transfer, at an assumed 4 MiB/s for
+# up to a full response (Pub/Sub answers at most about 10 MB). A pull that still runs out of time
+# may have been cut off mid-transfer, so it does not count as "nothing": the next pull gets twice
+# the time, up to the maximum, and only an empty answer (or a timeout at the maximum) is idle.
 PULL_TIMEOUT_S = 2.0
-MIN_PULL_TIMEOUT_S = 0.25
+MAX_PULL_TIMEOUT_S = 16.0
+PULL_BYTES_PER_S = 4 * 1024 * 1024
+MAX_PULL_RESPONSE_BYTES = 10 * 1024 * 1024
 # Acks are retried this many times, backing off, before the letters are reported as not acked.
 ACK_ATTEMPTS = 3
 ACK_BACKOFF_S = 0.5
@@ -77,6 +83,8 @@ class HoldSession:
         """Yields batches of newly pulled dead letters until the scan ends (see the module's
         docstring); `stopped_by` then says why. Every yielded letter stays leased."""
         idle_since = started = time.monotonic()
+        slow = 1.0  # how much longer than planned pulls need: grows after a pull runs out of time
+        cut_off = False
         while True:
             now = time.monotonic()
             if max_messages is not None and self.scanned >= max_messages:
@@ -85,28 +93,41 @@ class HoldSession:
             if now - started >= self.max_scan_s:
                 self.stopped_by = STOP_TIME
                 return
-            if now - idle_since >= self.idle_s and now - started >= self.min_scan_s:
+            if now - idle_since >= self.idle_s and now - started >= self.min_scan_s and not cut_off:
                 self.stopped_by = STOP_IDLE
                 return
-            idle_left = self.idle_s - (now - idle_since)
-            received = self._pull(self._pull_size(max_messages), timeout_s=min(PULL_TIMEOUT_S, max(MIN_PULL_TIMEOUT_S, idle_left)))
-            fresh = self._hold(received)
+            want = self._pull_size(max_messages)
+            timeout = min(MAX_PULL_TIMEOUT_S, slow * self._pull_timeout(want))
+            received = self._pull(want, timeout_s=timeout)
+            cut_off = received is None and timeout < MAX_PULL_TIMEOUT_S
+            if cut_off:
+                slow *= 2
+            fresh = self._hold(received or [])
             if fresh:
                 # Only new messages count as activity: a redelivery of one already held is not.
-                idle_since = time.monotonic()
                 self.scanned += len(fresh)
                 yield fresh
+                # The time the caller spent on them (writing, republishing) is not idle time.
+                idle_since = time.monotonic()
             elif not received:
                 time.sleep(EMPTY_PULL_PAUSE_S)
+            # Let this pull's messages go before the next one arrives (they can be 10 MB each).
+            received = fresh = None
 
     def _pull_size(self, max_messages: int | None) -> int:
         want = PULL_MAX if max_messages is None else max(1, min(PULL_MAX, max_messages - self.scanned))
         if self.scanned:
-            average = max(1, self._pulled_bytes // self.scanned)
-            want = max(1, min(want, PULL_BYTES_TARGET // average))
+            want = max(1, min(want, PULL_BYTES_TARGET // self._average_bytes()))
         return want
 
-    def _pull(self, want: int, *, timeout_s: float) -> list[Any]:
+    def _average_bytes(self) -> int:
+        return max(1, self._pulled_bytes // self.scanned) if self.scanned else 1
+
+    def _pull_timeout(self, want: int) -> float:
+        return PULL_TIMEOUT_S + min(want * self._average_bytes(), MAX_PULL_RESPONSE_BYTES) / PULL_BYTES_PER_S
+
+    def _pull(self, want: int, *, timeout_s: float) -> list[Any] | None:
+        """The messages one Pull returned; None when it ran out of time."""
         from google.api_core import exceptions as gexc
 
         try:
@@ -114,8 +135,7 @@ class HoldSession:
                 request={"subscription": self.path, "max_messages": want}, timeout=timeout_s, retry=None
             )
         except gexc.DeadlineExceeded:
-            # An empty subscription may hold the pull open until its deadline: that is "nothing now".
-            return []
+            return None
         return list(resp.received_messages)
 
     def _hold(self, received: Sequence[Any]) -> list[Letter]:

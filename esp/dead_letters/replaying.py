@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from esp.contracts import ATTR_REPLAY_COUNT, MAX_PUBLISH_REQUEST_BYTES, pubsub_message_bytes
+from esp.contracts import ATTR_REPLAY_COUNT, MAX_ATTRIBUTES, MAX_PUBLISH_REQUEST_BYTES, pubsub_message_bytes
 from esp.dead_letters.filters import PARKED_EXCLUDE, Filter
 from esp.dead_letters.hold import HoldSession, holding, scan_note
 from esp.dead_letters.letters import Letter
@@ -117,8 +117,9 @@ class ReplayResult:
         extras = []
         if self.not_replayable:
             extras.append(
-                f"{self.not_replayable} cannot be replayed: the dead letter does not hold the body whole "
-                "(see 'kept' in list/show; docs/dead-letters.md)"
+                f"{self.not_replayable} cannot be replayed as the producer sent them and are left as they are "
+                "(the log says why: a body the dead letter could not keep whole, or no room for the replay count; "
+                "docs/dead-letters.md)"
             )
         if self.skipped_filter:
             extras.append(f"{self.skipped_filter} not matching left as they were")
@@ -255,6 +256,16 @@ def _request_chunks(messages: list[tuple[Letter, dict[str, Any]]]) -> Iterator[l
         yield chunk
 
 
+def _cannot_replay(letter: Letter) -> str | None:
+    """Why republishing this letter could not send exactly what the producer sent, if it could not."""
+    d = letter.dead_letter
+    if not d.replayable:
+        return d.kept_note()
+    if len({**d.attributes, ATTR_REPLAY_COUNT: ""}) > MAX_ATTRIBUTES:
+        return f"the comment has {len(d.attributes)} attributes: no room for {ATTR_REPLAY_COUNT} (export it instead)"
+    return None
+
+
 def _replay_message(letter: Letter) -> dict[str, Any]:
     d = letter.dead_letter
     attributes = {**d.attributes, ATTR_REPLAY_COUNT: str(d.replay_count + 1)}
@@ -351,9 +362,10 @@ class _Run:
         result.matched += 1
         # A parked letter replayed on purpose (--include-parked) is not parked again.
         action = PARK if not d.parked and d.replay_count + 1 > self.max_replays else REPLAY
-        if action == REPLAY and not d.replayable:
+        why_not = _cannot_replay(letter) if action == REPLAY else None
+        if why_not:
             result.not_replayable += 1
-            log.warning("dead letter %s cannot be replayed: %s", letter.message_id, d.kept_note())
+            log.warning("dead letter %s cannot be replayed: %s", letter.message_id, why_not)
             return None
         if action == PARK:
             result.would_park += 1
