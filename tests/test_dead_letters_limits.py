@@ -220,33 +220,46 @@ def test_export_streams_to_disk_with_bounded_memory(emulator: Any, tmp_path: Pat
     assert peaks[40] - peaks[10] < 0.25 * more_mib
 
 
-class _RefusingApi:
-    """A tiny Publish API: stores every message, refuses a request holding a message marked poison."""
+class _PublishApi:
+    """A tiny Publish API: stores messages; refuses a request holding one marked poison; after
+    `fail_after` stored messages the topic fails (UNAVAILABLE) for good."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_after: int | None = None) -> None:
         self.stored: list[dict[str, Any]] = []
-        self.calls = 0
+        self.fail_after = fail_after
 
     def publish(self, request: dict[str, Any], retry: Any, timeout: float) -> Any:
         from google.api_core import exceptions as gexc
 
-        self.calls += 1
+        if self.fail_after is not None and len(self.stored) >= self.fail_after:
+            raise gexc.ServiceUnavailable("the topic is gone")
         if any("poison" in m["attributes"] for m in request["messages"]):
             raise gexc.InvalidArgument("a message Pub/Sub will not take")
+        first = len(self.stored)
         self.stored.extend(request["messages"])
-        first = len(self.stored) - len(request["messages"])
         return type("Response", (), {"message_ids": [str(first + i) for i in range(len(request["messages"]))]})()
 
 
+def _window(n: int, poison: int | None = None, size: int = 1) -> list[tuple[Letter, dict[str, Any]]]:
+    letters = [Letter.from_received(received(b"x", {}, message_id=str(i))) for i in range(n)]
+    return [(x, {"data": b"x" * size, "attributes": {"poison": "1"} if i == poison else {}}) for i, x in enumerate(letters)]
+
+
 def test_a_message_pubsub_refuses_is_found_by_splitting_and_the_rest_are_stored() -> None:
-    api = _RefusingApi()
-    publisher = _Publisher(api, PubSubSettings(project="p"))
-    letters = [Letter.from_received(received(b"x", {}, message_id=str(i))) for i in range(8)]
-    messages = [(x, {"data": b"x", "attributes": {"poison": "1"} if i == 5 else {}}) for i, x in enumerate(letters)]
-    stored, refused = publisher.publish("projects/p/topics/t", messages)
-    assert [letter.message_id for letter, _ in stored] == ["0", "1", "2", "3", "4", "6", "7"]
-    assert [letter.message_id for letter, _ in refused] == ["5"] and "InvalidArgument" in refused[0][1]
-    assert len({mid for _, mid in stored}) == 7 and api.calls <= 8
+    out = _Publisher(_PublishApi(), PubSubSettings(project="p")).publish("projects/p/topics/t", _window(8, poison=5))
+    assert [letter.message_id for letter, _ in out.stored] == ["0", "1", "2", "3", "4", "6", "7"]
+    assert [letter.message_id for letter, _ in out.refused] == ["5"] and "InvalidArgument" in out.refused[0][1]
+    assert out.error is None and out.unsent == []
+
+
+def test_when_the_topic_fails_mid_window_what_was_stored_is_still_reported_for_acking() -> None:
+    # Three requests of two 4 MB messages each (10 MB per request at most); the topic fails after the first.
+    out = _Publisher(_PublishApi(fail_after=2), PubSubSettings(project="p")).publish(
+        "projects/p/topics/t", _window(6, size=4_000_000)
+    )
+    assert [letter.message_id for letter, _ in out.stored] == ["0", "1"]
+    assert [letter.message_id for letter in out.unsent] == ["2", "3", "4", "5"]
+    assert out.error and "the topic is gone" in out.error
 
 
 def test_a_message_someone_else_put_on_the_topic_is_listed_as_unknown(emulator: Any) -> None:

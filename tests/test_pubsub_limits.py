@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from esp.pubsub import publisher_client, subscriber_client
+from esp.pubsub import publisher_client
 from esp.pubsub_admin import init_resources
 from esp.settings import PubSubSettings
 from tests.fixtures.pubsub import pull_until

@@ -189,6 +189,14 @@ def replay(
     return result
 
 
+@dataclasses.dataclass
+class _Published:
+    stored: list[tuple[Letter, str]] = dataclasses.field(default_factory=list)  # with the new message id
+    refused: list[tuple[Letter, str]] = dataclasses.field(default_factory=list)  # with Pub/Sub's reason
+    unsent: list[Letter] = dataclasses.field(default_factory=list)  # not sent after the topic failed
+    error: str | None = None
+
+
 class _Publisher:
     """Publish requests of at most Pub/Sub's size, split to find a message Pub/Sub refuses."""
 
@@ -210,15 +218,20 @@ class _Publisher:
             timeout=settings.pubsub_timeout_s,
         )  # fmt: skip
 
-    def publish(self, topic: str, messages: list[tuple[Letter, dict[str, Any]]]) -> tuple[list[tuple[Letter, str]], list[tuple[Letter, str]]]:
-        """Publishes (letter, message) pairs in order; returns (stored: letter and new message id,
-        refused: letter and why). A failure that is not about the content raises (the topic, not
-        the letters, is the problem)."""
-        stored: list[tuple[Letter, str]] = []
-        refused: list[tuple[Letter, str]] = []
+    def publish(self, topic: str, messages: list[tuple[Letter, dict[str, Any]]]) -> _Published:
+        """Publishes (letter, message) pairs in order, in requests of at most Pub/Sub's size. A
+        message Pub/Sub refuses for its content is found by splitting; any other failure is the
+        topic's, and what was not stored before it is left unsent."""
+        out = _Published()
         for chunk in _request_chunks(messages):
-            self._publish(topic, chunk, stored, refused)
-        return stored, refused
+            if out.error is None:
+                try:
+                    self._publish(topic, chunk, out.stored, out.refused)
+                except Exception as exc:  # the topic failed: report it; stored letters still get acked
+                    out.error = f"publishing to {topic} on {where(self.settings)} failed: {exc}"
+        settled = {x.message_id for x, _ in out.stored} | {x.message_id for x, _ in out.refused}
+        out.unsent = [letter for letter, _ in messages if letter.message_id not in settled]
+        return out
 
     def _publish(self, topic: str, chunk: list[tuple[Letter, dict[str, Any]]], stored: list, refused: list) -> None:
         try:
@@ -386,19 +399,16 @@ class _Run:
         with _settle_before_interrupt():
             stored: list[tuple[Letter, str]] = []
             for topic, messages in by_topic.items():
-                if not messages:
+                if not messages or self.result.stopped:
                     continue
-                try:
-                    done, refused = self.publisher.publish(topic, messages)
-                except Exception as exc:  # the topic itself fails: stop, settle what was stored
-                    self.result.stopped = f"publishing to {topic} on {where(self.publisher.settings)} failed: {exc}"
-                    log.error("%s", self.result.stopped)
-                    self.result.failed += len(messages)
-                    break
-                stored.extend(done)
-                for letter, why in refused:
-                    self.result.failed += 1
+                out = self.publisher.publish(topic, messages)
+                stored.extend(out.stored)
+                for letter, why in out.refused:
                     log.error("Pub/Sub refused the republished dead letter %s (%s); it stays a dead letter", letter.message_id, why)
+                self.result.failed += len(out.refused) + len(out.unsent)
+                if out.error:
+                    log.error("%s; stopping the replay", out.error)
+                    self.result.stopped = out.error
             self._settle(stored, work)
 
     def _settle(self, stored: list[tuple[Letter, str]], work: list[tuple[Letter, str]]) -> None:
