@@ -12,7 +12,7 @@ class DeadLetterSettings:
     max_replays: int = setting(
         3,
         env="ESP_MAX_REPLAYS",
-        help="Replays a dead letter may have; one that would exceed this is parked instead of replayed.",
+        help="Replays a dead letter may have (0..999); one that would exceed this is parked instead of replayed.",
     )
     park_topic: str | None = setting(
         None,
@@ -49,7 +49,8 @@ class DeadLetterSettings:
     )
 
     def __post_init__(self) -> None:
-        require(self.max_replays >= 0, "max_replays must be 0 or more")
+        # esp_replay_count is believed only up to 1000 (esp.contracts.MAX_REPLAY_COUNT).
+        require(0 <= self.max_replays <= 999, "max_replays must be between 0 and 999")
         require(10 <= self.dead_letter_lease_s <= 600, "dead_letter_lease_s must be between 10 and 600 (Pub/Sub's limits)")
         require(self.pull_idle_s > 0, "pull_idle_s must be positive")
         require(self.min_scan_s >= 0, "min_scan_s must be 0 or more")
