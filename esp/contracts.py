@@ -624,6 +624,8 @@ def _read_esp_letter(data: bytes, attrs: dict[str, str], when: dt.datetime | Non
     if kept == KEPT_WHOLE:
         kept = marked
     error_type, reason = attrs[ATTR_ERROR_TYPE], attrs.get(ATTR_REASON, "")
+    if not error_type:
+        problems.append(f"{ATTR_ERROR_TYPE} is empty")
     if problems:
         reason = clip_utf8(f"dead-letter attributes could not be read: {'; '.join(problems)} (recorded: {error_type}: {reason})")
         error_type = UNREADABLE

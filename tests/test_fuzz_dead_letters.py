@@ -2,7 +2,7 @@
 raises, a producer cannot forge ESP's verdict, and `to_message()` always fits Pub/Sub and reads back.
 
 Bounded for the suite (a few seconds in all). A longer run (200 times the examples, see tests/fixtures/fuzz.py):
-    .venv/bin/pytest tests/test_fuzz_dead_letters.py -q --hypothesis-profile=esp-fuzz-long
+    .venv/bin/pytest tests/test_fuzz_dead_letters.py -q --hypothesis-profile=esp-fuzz-long --timeout=0
 """
 
 from __future__ import annotations
