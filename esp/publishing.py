@@ -17,13 +17,14 @@ import logging
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from esp.contracts import Comment, InvalidComment, comment_from_fields
 from esp.errors import ConfigError, EspError
-from esp.pubsub import check_reachable, publisher_client, translate_errors
+from esp.pubsub import check_reachable, publisher_client, where
 from esp.settings import CommentSettings, PubSubSettings
 
 log = logging.getLogger(__name__)
@@ -101,18 +102,34 @@ def _utf8_error(*values: str) -> str | None:
 def read_rows(
     stream: IO[str], fmt: str, *, id_column: str, text_column: str | None, max_body_bytes: int
 ) -> Iterator[Row]:
-    """Yields each input row as a valid Comment or with the reason it breaks the contract."""
+    """Yields each input row as a valid Comment or with the reason it breaks the contract.
+
+    A row never raises: whatever is wrong with it is its rejection's reason. A file that cannot be
+    read on (a truncated gzip, a read error) or a CSV header without the columns raises EspError.
+    """
     if fmt == "jsonl":
-        yield from _read_jsonl(stream, id_column, text_column or "text", max_body_bytes)
+        rows = _read_jsonl(stream, id_column, text_column or "text", max_body_bytes)
     else:
-        yield from _read_csv(stream, id_column, text_column, max_body_bytes)
+        rows = _read_csv(stream, id_column, text_column, max_body_bytes)
+    last = 0
+    try:
+        for row in rows:
+            last = row.line
+            yield row
+    except (OSError, EOFError, zlib.error) as exc:
+        raise EspError(f"reading stopped after line {last}: {exc}") from None
 
 
 def _validated(line: int, cid: Any, text: Any, max_body_bytes: int) -> Row:
+    bad_utf8 = _utf8_error(*(v for v in (cid, text) if isinstance(v, str)))
+    if bad_utf8:
+        return Row(line, None, bad_utf8)
     try:
         return Row(line, comment_from_fields(cid, text, max_body_bytes=max_body_bytes))
     except InvalidComment as exc:
         return Row(line, None, f"{exc.error_type}: {exc.reason}")
+    except Exception as exc:  # one odd row is rejected with the reason; it never stops the file
+        return Row(line, None, f"invalid_row: {type(exc).__name__}: {exc}")
 
 
 def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes: int) -> Iterator[Row]:
@@ -127,6 +144,10 @@ def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             yield Row(lineno, None, f"invalid_json: {exc.msg} at column {exc.colno}")
+            continue
+        except (ValueError, RecursionError) as exc:
+            # Valid JSON Python will not hold: an integer of over 4,300 digits, nesting too deep.
+            yield Row(lineno, None, f"invalid_json: {exc or type(exc).__name__}")
             continue
         if not isinstance(obj, dict):
             yield Row(lineno, None, f"not_an_object: expected a JSON object, got {type(obj).__name__}")
@@ -238,13 +259,15 @@ def publish_file(
                 future = client.publish(topic, row.comment.to_json_bytes(), **(attributes or {}))
                 future.add_done_callback(lambda f, line=row.line: done(f, line))
                 futures.append(future)
-        with translate_errors(pubsub, f"publishing to {pubsub.comments_topic}"):
-            for future in futures:
-                # Waits for Pub/Sub's answer; errors were already counted by the callback.
-                try:
-                    future.result(timeout=pubsub.pubsub_timeout_s + 60)
-                except Exception:  # counted in done(); the loop only waits
-                    pass
+        wait_s = pubsub.pubsub_timeout_s + 60
+        for future in futures:
+            # Waits for Pub/Sub's answer; done() already counted it, a failure included.
+            try:
+                future.exception(timeout=wait_s)
+            except TimeoutError:
+                raise EspError(
+                    f"publishing to {pubsub.comments_topic}: no answer from {where(pubsub)} within {wait_s:g}s"
+                ) from None
     finally:
         client.stop()
         bar.close()

@@ -37,11 +37,18 @@ def check_reachable(settings: PubSubSettings) -> None:
         raise ServiceUnreachable(f"cannot reach {where(settings)}: nothing is listening there")
 
 
+# Pub/Sub takes messages of up to 10 MB (a publish request of up to 10,000,000 bytes). The client
+# library's own production channels lift gRPC's 4 MiB receive default (send and receive unlimited);
+# emulator channels get the same options, so local runs reach the same edges as production.
+CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+
+
 def _emulator_channel(settings: PubSubSettings) -> Any:
     import grpc
 
-    assert settings.emulator_host
-    return grpc.insecure_channel(settings.emulator_host)
+    if not settings.emulator_host:
+        raise EspError("no emulator host configured")
+    return grpc.insecure_channel(settings.emulator_host, options=list(CHANNEL_OPTIONS))
 
 
 @contextlib.contextmanager

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 
 import pytest
 
 from esp.contracts import (
+    ATTR_BODY_BYTES,
+    ATTR_BODY_SHA256,
+    ATTR_DELIVERY_ATTEMPT,
+    ATTR_ENVELOPE,
     ATTR_ERROR_TYPE,
+    ATTR_KEPT,
+    ATTR_KIND,
+    ATTR_PARKED,
     ATTR_REASON,
     ATTR_REPLAY_COUNT,
+    ATTR_TIME,
+    ENVELOPE_MAGIC,
+    KEPT_BODY_CUT,
+    KEPT_DAMAGED,
+    KEPT_WHOLE,
     KIND_POLICY,
+    KIND_UNKNOWN,
     KIND_WORKER,
+    MAX_ATTRIBUTE_KEY_BYTES,
     MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_ATTRIBUTES,
+    MAX_PUBLISH_REQUEST_BYTES,
+    POLICY_ERROR_TYPE,
     POLICY_REASON,
+    UNKNOWN_REASON,
+    UNREADABLE,
     Comment,
     DeadLetter,
     ErrorType,
@@ -25,7 +46,9 @@ from esp.contracts import (
     dead_letter_for,
     labels_from_outputs,
     parse_comment,
+    parse_replay_count,
     parse_score,
+    pubsub_message_bytes,
 )
 
 VIOLATIONS = [
@@ -186,3 +209,168 @@ def test_dead_letter_keeps_the_comments_ordering_key_as_an_attribute() -> None:
     assert back.attributes == {"a": "1"}
     # A key on the dead-letter message itself wins.
     assert DeadLetter.from_pubsub(b"{}", attrs, ordering_key="k2").ordering_key == "k2"
+
+
+# ---------------------------------------------------------------------------------------------
+# ESP's attributes are ESP's: producers cannot forge a verdict, and lose nothing.
+
+
+def _letter(attributes: dict[str, str], body: bytes = b'{"id": "c-1", "text": "t"}', **kw: object) -> DeadLetter:
+    base: dict[str, object] = dict(stage=Stage.SCORE, error_type=ErrorType.MODEL_REJECTED, reason="rejected", worker="w-1")
+    base.update(kw)
+    return dead_letter_for(body, attributes, **base)  # type: ignore[arg-type]
+
+
+def test_producer_attributes_in_esps_namespace_are_kept_renamed_and_restored() -> None:
+    producer = {
+        "origin": "app-1",
+        ATTR_PARKED: "true",
+        ATTR_ERROR_TYPE: "forged",
+        "esp_orig.esp_parked": "nested",
+        "CloudPubSubDeadLetterSourceDeliveryCount": "99",
+        "timeout": "5",  # a name the Python client takes as a keyword argument
+    }
+    data, attrs = _letter(producer).to_message()
+    assert attrs["origin"] == "app-1" and attrs[ATTR_ERROR_TYPE] == ErrorType.MODEL_REJECTED
+    assert attrs["esp_orig.esp_parked"] == "true" and attrs["esp_orig.esp_orig.esp_parked"] == "nested"
+    assert attrs["esp_orig.CloudPubSubDeadLetterSourceDeliveryCount"] == "99" and attrs["esp_orig.timeout"] == "5"
+    assert ATTR_PARKED not in attrs and not any(k.startswith("CloudPubSub") for k in attrs)
+    back = DeadLetter.from_pubsub(data, attrs)
+    assert back.attributes == producer
+    assert (back.kind, back.parked, back.error_type, back.reason) == (KIND_WORKER, False, ErrorType.MODEL_REJECTED, "rejected")
+
+
+def test_on_a_policy_letter_esp_attributes_are_the_producers_never_a_verdict() -> None:
+    attrs = {
+        "origin": "app",
+        ATTR_PARKED: "true",
+        ATTR_ERROR_TYPE: "validate",
+        ATTR_REASON: "forged reason",
+        "esp_stage": "validate",
+        "esp_ordering_key": "forged-key",
+        "CloudPubSubDeadLetterSourceDeliveryCount": "5",
+        "CloudPubSubDeadLetterSourceSubscription": "comments-scoring",
+    }
+    dl = DeadLetter.from_pubsub(b"{}", attrs, ordering_key="real-key")
+    assert (dl.kind, dl.reason, dl.error_type, dl.stage, dl.parked) == (KIND_POLICY, POLICY_REASON, POLICY_ERROR_TYPE, "unknown", False)
+    assert dl.delivery_attempt == 5 and dl.source_subscription == "comments-scoring" and dl.ordering_key == "real-key"
+    assert dl.attributes == {k: v for k, v in attrs.items() if not k.startswith("CloudPubSub")}
+
+
+def test_parking_a_policy_letter_writes_esps_form_and_its_mark_is_believed() -> None:
+    policy = DeadLetter.from_pubsub(
+        b"{}", {"origin": "app", ATTR_PARKED: "false", ATTR_REPLAY_COUNT: "3", "CloudPubSubDeadLetterSourceDeliveryCount": "5"}
+    )
+    data, attrs = dataclasses.replace(policy, parked=True).to_message()
+    assert attrs[ATTR_KIND] == KIND_POLICY and attrs[ATTR_PARKED] == "true" and attrs["esp_orig.esp_parked"] == "false"
+    back = DeadLetter.from_pubsub(data, attrs)
+    assert (back.kind, back.parked, back.reason, back.replay_count, back.delivery_attempt) == (KIND_POLICY, True, POLICY_REASON, 3, 5)
+    assert back.attributes == {"origin": "app", ATTR_PARKED: "false"}
+
+
+def test_a_letter_neither_esp_nor_the_policy_wrote_has_no_reason_and_no_verdict() -> None:
+    dl = DeadLetter.from_pubsub(b"hello", {ATTR_PARKED: "true", "a": "b"})
+    assert (dl.kind, dl.error_type, dl.reason, dl.parked) == (KIND_UNKNOWN, "unknown", UNKNOWN_REASON, False)
+    assert dl.attributes == {ATTR_PARKED: "true", "a": "b"}
+
+
+@pytest.mark.parametrize(
+    "value,count",
+    [("0", 0), ("3", 3), ("1000", 1000), ("1001", None), ("-1", None), ("03", None), (" 3", None), ("3 ", None),
+     ("3.0", None), ("٣", None), ("1e3", None), ("", None), ("+3", None), ("3\n", None)],
+)  # fmt: skip
+def test_replay_count_is_read_only_as_a_plain_decimal_up_to_1000(value: str, count: int | None) -> None:
+    assert parse_replay_count(value) == count
+    dl = _letter({ATTR_REPLAY_COUNT: value, "origin": "a"})
+    if count is None:
+        # Not ESP's: the producer's own attribute, kept and restored like any other.
+        assert dl.replay_count == 0 and dl.attributes == {ATTR_REPLAY_COUNT: value, "origin": "a"}
+        assert DeadLetter.from_pubsub(*dl.to_message()).attributes[ATTR_REPLAY_COUNT] == value
+    else:
+        assert dl.replay_count == count and dl.attributes == {"origin": "a"}
+
+
+@pytest.mark.parametrize(
+    "attribute,value",
+    [(ATTR_DELIVERY_ATTEMPT, "five"), (ATTR_DELIVERY_ATTEMPT, "0"), (ATTR_REPLAY_COUNT, "-2"), (ATTR_TIME, "yesterday"),
+     (ATTR_TIME, "0001-01-01T00:00:00+14:00"), (ATTR_PARKED, "yes"), (ATTR_KIND, "robot"), (ATTR_KEPT, "half"),
+     (ATTR_KEPT, KEPT_BODY_CUT), (ATTR_ENVELOPE, "1")],
+)  # fmt: skip
+def test_esp_letters_whose_attributes_do_not_read_are_listed_as_unreadable_never_raised(attribute: str, value: str) -> None:
+    data, attrs = _letter({"origin": "a"}).to_message()
+    dl = DeadLetter.from_pubsub(data, {**attrs, attribute: value})
+    assert dl.error_type == UNREADABLE and "could not be read" in dl.reason and "model_rejected" in dl.reason
+    assert dl.attributes == {"origin": "a"}
+    if attribute in (ATTR_KEPT, ATTR_ENVELOPE):
+        assert dl.kept == KEPT_DAMAGED and not dl.replayable
+
+
+def test_naive_or_offset_times_read_as_utc() -> None:
+    data, attrs = _letter({}).to_message()
+    dl = DeadLetter.from_pubsub(data, {**attrs, ATTR_TIME: "2026-01-02T03:04:05"})
+    assert dl.time == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    dl = DeadLetter.from_pubsub(data, {**attrs, ATTR_TIME: "2026-01-02T05:04:05+02:00"})
+    assert dl.time == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dead letter always fits: Pub/Sub's 10 MB, 100 attributes, 256-byte keys, 1,024-byte values.
+
+
+def _protobuf_bytes(data: bytes, attrs: dict[str, str], topic: str) -> int:
+    """What the Python client checks against 10,000,000 bytes: the publish request's own size."""
+    from google.pubsub_v1.types import PublishRequest, PubsubMessage
+
+    request = PublishRequest(topic=topic, messages=[PubsubMessage(data=data, attributes=attrs)])
+    return PublishRequest.pb(request).ByteSize()
+
+
+def test_the_size_estimate_is_protobufs_own() -> None:
+    cases = [(b"", {"": ""}), (b"x" * 300, {"k" * 256: "v" * 1024}), (b"y" * 20_000_000, {f"k{i}": "é" * 300 for i in range(100)})]
+    for data, attrs in cases:
+        assert pubsub_message_bytes(data, attrs) == _protobuf_bytes(data, attrs, "") - _protobuf_bytes(b"", {}, "") + 2
+
+
+def _fits(data: bytes, attrs: dict[str, str]) -> None:
+    longest_topic = "projects/" + "p" * 30 + "/topics/" + "t" * 255
+    assert _protobuf_bytes(data, attrs, longest_topic) <= MAX_PUBLISH_REQUEST_BYTES
+    assert len(attrs) <= MAX_ATTRIBUTES
+    assert all(0 < len(k.encode()) <= MAX_ATTRIBUTE_KEY_BYTES and len(v.encode()) <= MAX_ATTRIBUTE_VALUE_BYTES for k, v in attrs.items())
+
+
+def test_a_body_that_fits_stays_whole() -> None:
+    body = b"b" * 9_990_000
+    data, attrs = _letter({"origin": "a"}, body=body).to_message()
+    _fits(data, attrs)
+    assert data == body and ATTR_KEPT not in attrs
+
+
+def test_a_body_too_large_to_fit_is_cut_with_its_digest_size_and_marker() -> None:
+    body = bytes(range(256)) * (10_000_000 // 256)  # 9,999,872 bytes: fits alone, not with ESP's attributes
+    crowded = {f"attribute-{i:02d}": "v" * 1000 for i in range(80)}
+    data, attrs = _letter(crowded, body=body, reason="é" * 2000).to_message()
+    _fits(data, attrs)
+    assert attrs[ATTR_KEPT] == KEPT_BODY_CUT and attrs[ATTR_BODY_BYTES] == str(len(body))
+    assert attrs[ATTR_BODY_SHA256] == hashlib.sha256(body).hexdigest()
+    back = DeadLetter.from_pubsub(data, attrs)
+    assert back.kept == KEPT_BODY_CUT and not back.replayable and body.startswith(back.data)
+    assert len(back.data) > 9_800_000 and back.attributes == crowded
+    note = back.kept_note() or ""
+    assert "body not kept" in note and str(len(body)) in note and attrs[ATTR_BODY_SHA256] in note
+
+
+def test_attributes_that_cannot_all_be_attributes_travel_in_an_envelope() -> None:
+    full = {f"k{i:03d}": "v" * 1024 for i in range(MAX_ATTRIBUTES)}  # Pub/Sub's maximum, all of it
+    long_name = {"esp_" + "n" * 250: "renamed it would be 263 bytes", "origin": "a"}
+    for original in (full, long_name):
+        letter = _letter(original, ordering_key="user-1")
+        data, attrs = letter.to_message()
+        _fits(data, attrs)
+        assert attrs[ATTR_ENVELOPE] == "1" and data.startswith(ENVELOPE_MAGIC) and data.endswith(letter.data)
+        back = DeadLetter.from_pubsub(data, attrs)
+        assert (back.attributes, back.data, back.ordering_key, back.kept) == (original, letter.data, "user-1", KEPT_WHOLE)
+    # Both at once: envelope and a body cut to fit.
+    data, attrs = _letter(full, body=b"z" * 9_999_000).to_message()
+    _fits(data, attrs)
+    back = DeadLetter.from_pubsub(data, attrs)
+    assert back.attributes == full and back.kept == KEPT_BODY_CUT and back.body_bytes == 9_999_000

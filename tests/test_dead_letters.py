@@ -9,6 +9,7 @@ are made for real, by nacking a comment on the worker's subscription until Pub/S
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -111,11 +112,11 @@ def worker_dead_letter(
         source_subscription="comments-scoring",
         ordering_key=ordering_key,
     )
-    attrs = letter.to_attributes()
     if parked:
-        attrs[ATTR_PARKED] = "true"
+        letter = dataclasses.replace(letter, parked=True)
     # The worker keeps the comment's ordering key as the esp_ordering_key attribute and publishes
     # the dead letter itself without a key.
+    data, attrs = letter.to_message()
     return data, attrs, ""
 
 
@@ -185,7 +186,7 @@ def drain(s: PubSubSettings, subscription: str, *, idle_s: float = 1.0, timeout_
 
 def held(s: PubSubSettings) -> list[Letter]:
     """Every dead letter now on the hold subscription (read without consuming)."""
-    return peek(s, FAST, Filter(), max_messages=None).letters
+    return peek(s, FAST, Filter(), max_messages=None).items
 
 
 def comment_ids(letters: Sequence[Letter]) -> collections.Counter:
@@ -205,20 +206,24 @@ def fresh(emulator: Any, **overrides: Any) -> PubSubSettings:
 
 REJECTED = ["rej-1", "rej-2"]
 POLICY = ["pol-1", "pol-2"]
+# A producer's attempt to pass for ESP: hide its comment from replay, forge a reason.
+FORGED = {"source": "app-f", ATTR_PARKED: "true", "esp_error_type": "invalid_json", "esp_reason": "forged", ATTR_REPLAY_COUNT: "2"}
 
 
 @pytest.fixture(scope="module")
 def policy_made(emulator: Any) -> dict[str, PubSubSettings]:
-    """Two fresh sets of resources with policy-forwarded dead letters: "population" (pol-1, pol-2)
-    and "replay" (p-1). The emulator takes ~8 s to forward, so both are made at once."""
+    """Fresh sets of resources with policy-forwarded dead letters: "population" (pol-1, pol-2),
+    "replay" (p-1) and "forged" (f-1, whose producer set esp_* attributes of its own). The
+    emulator takes ~8 s to forward, so all are made at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    made = {"population": fresh(emulator), "replay": fresh(emulator)}
+    made = {"population": fresh(emulator), "replay": fresh(emulator), "forged": fresh(emulator)}
     jobs = {
         "population": ([{"id": c, "text": f"text of {c}"} for c in POLICY], {"source": "app-c"}),
         "replay": ([{"id": "p-1", "text": "hello"}], {"source": "app-z"}),
+        "forged": ([{"id": "f-1", "text": "hi"}], FORGED),
     }
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(len(jobs)) as pool:
         for f in [pool.submit(make_policy_dead_letters, made[k], *jobs[k]) for k in made]:
             f.result()
     for s in made.values():
@@ -404,7 +409,8 @@ def test_export_writes_every_record_round_trip_and_consumes_nothing(population: 
         (["list", "--since", "1h", "--until", "2h"], "is after --until"),
         (["list", "--parked", "maybe"], "'maybe' is not one of"),
         (["replay", "--rate", "0"], "--rate"),
-        (["replay", "--max-replays", "-1"], "max_replays must be 0 or more"),
+        (["replay", "--max-replays", "-1"], "max_replays must be between 0 and 999"),
+        (["replay", "--max-replays", "1000"], "max_replays must be between 0 and 999"),
         (["stats", "--dead-letter-lease-s", "5"], "between 10 and 600"),
         (["list", "--ids-file", "/no/such/file"], "does not exist"),
         (["show"], "Missing argument"),
@@ -485,6 +491,32 @@ def test_policy_forwarded_dead_letters_replay_without_policy_attributes(policy_m
     assert result.exit_code == 0 and "replayed 1" in result.stdout
     [msg] = drain(s, "tap-" + s.subscription)
     assert dict(msg.message.attributes) == {"source": "app-z", ATTR_REPLAY_COUNT: "1"}
+    assert held(s) == []
+
+
+def test_a_producers_esp_attributes_cannot_hide_a_policy_letter_and_parking_it_is_believed(
+    policy_made: dict[str, PubSubSettings],
+) -> None:
+    s = policy_made["forged"]
+    [row] = _listed(run_cli("list", s, "--json"))
+    # Forwarded by the policy: the comment's esp_* attributes are its own, not a verdict. Its
+    # esp_replay_count is a valid count, so it is read (forging it only brings parking forward).
+    assert (row["kind"], row["reason"], row["parked"], row["replay_count"]) == (KIND_POLICY, POLICY_REASON, False, 2)
+    # Its next replay would be the 3rd > 2: it is parked, in ESP's own form, and believed parked.
+    parked = run_cli("replay", s, "--max-replays", "2")
+    assert parked.exit_code == 0 and "parked 1" in parked.stdout, parked.output
+    [letter] = held(s)
+    d = letter.dead_letter
+    assert (d.kind, d.parked, d.replay_count, d.reason) == (KIND_POLICY, True, 2, POLICY_REASON)
+    assert letter.attributes["esp_kind"] == KIND_POLICY and not any(k.startswith("CloudPubSub") for k in letter.attributes)
+    own = {k: v for k, v in FORGED.items() if k != ATTR_REPLAY_COUNT}
+    assert d.attributes == own
+    assert "1 parked skipped" in run_cli("replay", s).stdout
+    # Replayed on purpose, it is exactly what the producer sent, counted on.
+    forced = run_cli("replay", s, "--include-parked")
+    assert forced.exit_code == 0 and "replayed 1" in forced.stdout
+    [msg] = drain(s, "tap-" + s.subscription)
+    assert dict(msg.message.attributes) == {**own, ATTR_REPLAY_COUNT: "3"}
     assert held(s) == []
 
 
@@ -643,17 +675,15 @@ def test_rate_limiter_paces_without_bursting_after_a_pause() -> None:
 
 
 def test_export_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
-    from esp.dead_letters import write_jsonl_atomically
+    from esp.dead_letters import atomic_jsonl
 
     path = tmp_path / "dead.jsonl"
-    assert write_jsonl_atomically(path, [{"a": 1}, {"b": "ü"}]) == 2
+    with atomic_jsonl(path) as f:
+        f.write('{"a": 1}\n{"b": "ü"}\n')
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "ü"}\n'
 
-    def broken() -> Iterator[dict[str, int]]:
-        yield {"c": 3}
+    with pytest.raises(RuntimeError), atomic_jsonl(path) as f:
+        f.write('{"c": 3}\n')
         raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError):
-        write_jsonl_atomically(path, broken())
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "ü"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["dead.jsonl"]

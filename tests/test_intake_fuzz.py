@@ -2,15 +2,14 @@
 rejection carries its type and reason, everything accepted can be scored, encoded and published,
 and every dead letter fits Pub/Sub.
 
-Bounded for the suite (a few seconds). For a longer run:
-    ESP_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/test_intake_fuzz.py -q
+Bounded for the suite (a few seconds). For a run 200 times longer (tests/fixtures/fuzz.py):
+    .venv/bin/pytest tests/test_intake_fuzz.py --hypothesis-profile=esp-fuzz-long --timeout=0
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 
 from google.pubsub_v1.types import PubsubMessage
 from hypothesis import HealthCheck, given, settings
@@ -28,11 +27,11 @@ from esp.contracts import (
     dead_letter_for,
 )
 from esp.scoring import Canary, Scored, score_isolating
+from tests.fixtures.fuzz import examples
 from tests.fixtures.worker import SumScorer
 from worker.service import read_comment
 
-EXAMPLES = int(os.environ.get("ESP_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ERROR_TYPES = {v for k, v in vars(ErrorType).items() if k.isupper()}
 
 # Text of every kind, lone surrogates and control characters included.

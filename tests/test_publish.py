@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -11,11 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esp.contracts import parse_comment
+from esp.errors import EspError
 from esp.pubsub_admin import init_resources
-from esp.publishing import publish_file
+from esp.publishing import open_text, publish_file, read_rows
 from esp.settings import CommentSettings, PubSubSettings
+from tests.fixtures.fuzz import examples
 from tests.fixtures.pubsub import create_subscription, pull_until
 
 TEXTS = ["plain", "naïve café", "emoji 🙂🔥", "Ω кириллица 中文", 'quote " and, comma', "multi\nline\ntext", "x" * 3000]
@@ -163,3 +168,71 @@ def test_invalid_utf8_in_csv_is_rejected_with_its_line(ready: PubSubSettings, tm
     summary = publish_file(str(path), pubsub=ready, comments=CommentSettings(), progress=False)
     assert summary.published == 2
     assert [(line, reason.split(":")[0]) for line, reason in summary.rejections] == [(3, "invalid_utf8")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The row reader against hostile input: every row is a comment or a rejection with its reason.
+
+# What open_text hands the reader: any text, with invalid UTF-8 bytes as lone surrogate escapes.
+file_text = st.text(st.characters(codec=None), max_size=300) | st.binary(max_size=300).map(
+    lambda b: b.decode("utf-8", errors="surrogateescape")
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+json_rows = st.lists(
+    st.fixed_dictionaries({}, optional={"id": json_values, "text": json_values, "x": json_values}).map(json.dumps)
+    | st.sampled_from(['{"id": "a", "text": "\\ud800"}', '{"id": "\\udfff", "text": "t"}', "1" * 5000, "[" * 5000,
+                       '{"id": ' + "9" * 5000 + ', "text": "t"}', '{"id": "a", "text": 1e999}', "\x00", "\ufeff{}"]),
+    max_size=6,
+).map("\n".join)  # fmt: skip
+
+
+def _read_all(text: str, fmt: str) -> list:
+    try:
+        rows = list(read_rows(io.StringIO(text, newline=""), fmt, id_column="id", text_column=None, max_body_bytes=1000))
+    except EspError as exc:  # only the CSV header may refuse the whole file, with a reason
+        assert fmt == "csv" and str(exc)
+        return []
+    for row in rows:
+        assert (row.comment is None) != (row.error is None)
+        if row.comment is None:
+            assert row.error and row.error.split(":")[0].isidentifier()
+        else:
+            row.comment.to_json_bytes()  # what is published must encode
+    return rows
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(file_text | json_rows, st.sampled_from(["jsonl", "csv"]))
+def test_any_input_gives_comments_or_rejections_with_reasons(text: str, fmt: str) -> None:
+    _read_all(text, fmt)
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(st.lists(st.tuples(file_text, file_text), max_size=5))
+def test_any_csv_rows_give_comments_or_rejections_with_reasons(rows: list[tuple[str, str]]) -> None:
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(["id", "text"])
+    writer.writerows(rows)
+    _read_all(out.getvalue(), "csv")
+
+
+def test_valid_json_python_cannot_hold_is_a_rejection() -> None:
+    text = "\n".join(['{"id": "ok", "text": "fine"}', "[" * 100_000, '{"id": 1' + "0" * 5000 + ', "text": "t"}',
+                      '{"id": "a", "text": "lone \\ud800"}'])  # fmt: skip
+    rows = _read_all(text, "jsonl")
+    assert [r.line for r in rows] == [1, 2, 3, 4] and rows[0].comment is not None
+    assert [r.error.split(":")[0] for r in rows[1:]] == ["invalid_json", "invalid_json", "invalid_utf8"]
+
+
+def test_a_truncated_gzip_file_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(c) + "\n" for c in _comments(2000)).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    with open_text(str(path)) as stream, pytest.raises(EspError, match="reading stopped after line"):
+        for _ in read_rows(stream, "jsonl", id_column="id", text_column=None, max_body_bytes=65536):
+            pass

@@ -1,6 +1,6 @@
 """`esp dead-letters ...`: inspect, export, replay and purge dead letters (the on-call tool).
 
-Thin: the logic, and the reasoning about leases and acks, lives in esp.dead_letters. Tables and
+Thin: the logic, and the reasoning about leases and acks, lives in the esp.dead_letters package. Tables and
 JSON go to stdout; the closing summary of looking commands goes to stderr so `--json` output stays
 clean. Every command exits non-zero when anything failed.
 """
@@ -49,8 +49,9 @@ def _filter_options(parked_default: str) -> Callable[[Callable], Callable]:
                 "--kind",
                 "kinds",
                 multiple=True,
-                type=click.Choice(["worker", "policy"]),
-                help="worker: dead-lettered by ESP with a reason; policy: forwarded by Pub/Sub's dead-letter policy.",
+                type=click.Choice(["worker", "policy", "unknown"]),
+                help="worker: dead-lettered by ESP with a reason; policy: forwarded by Pub/Sub's dead-letter policy; "
+                "unknown: neither (published to the dead-letter topic by someone else).",
             ),
             click.option("--since", default=None, help="Dead-lettered at or after: ISO-8601 time (UTC if no zone) or an age (30m, 2h, 3d)."),
             click.option("--until", default=None, help="Dead-lettered at or before: ISO-8601 time or an age."),
@@ -136,13 +137,6 @@ def _build_filter(options: dict[str, Any], *, include_parked: bool = False) -> A
         raise click.UsageError(str(exc)) from None
 
 
-def _scan_note(scanned: int, hit_max: bool, max_messages: int | None) -> str:
-    note = f"{scanned} scanned"
-    if hit_max:
-        note += f", stopped at --max {max_messages} (there may be more)"
-    return note
-
-
 @click.group("dead-letters")
 def dead_letters() -> None:
     """Inspect, export, replay and purge dead letters.
@@ -161,22 +155,18 @@ def dead_letters() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def stats(as_json: bool, max_messages: int, **options: Any) -> int:
     """Count dead letters by stage and error type, with their reasons, oldest and newest."""
-    from esp.dead_letters import compute_stats, format_stats, peek
+    from esp.dead_letters import Stats, format_stats, look
 
     settings, dl = _settings(options)
     flt = _build_filter(options)
-    found = peek(settings, dl, flt, max_messages=max_messages)
-    result = compute_stats(found.letters)
+    result = Stats()
+    found = look(settings, dl, flt, result.add, max_messages=max_messages)
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "scanned": found.scanned, "truncated": found.hit_max}, indent=2))
+        click.echo(json.dumps({**result.to_dict(), "scanned": found.scanned, "truncated": not found.complete}, indent=2))
     else:
         for line in format_stats(result):
             click.echo(line)
-    click.echo(
-        f"{result.total} dead letter(s) match ({flt.describe()}); {_scan_note(found.scanned, found.hit_max, max_messages)}; "
-        "nothing consumed",
-        err=True,
-    )
+    click.echo(f"{result.total} dead letter(s) match ({flt.describe()}); {found.note}; nothing consumed", err=True)
     return 0
 
 
@@ -187,21 +177,18 @@ def stats(as_json: bool, max_messages: int, **options: Any) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array for scripts.")
 def list_(as_json: bool, max_messages: int, **options: Any) -> int:
     """List dead letters (oldest first) without consuming them."""
-    from esp.dead_letters import format_table, peek
+    from esp.dead_letters import format_table, look
 
     settings, dl = _settings(options)
     flt = _build_filter(options)
-    found = peek(settings, dl, flt, max_messages=max_messages)
+    found = look(settings, dl, flt, lambda x: x.classification(), max_messages=max_messages)
+    rows = sorted(found.items, key=lambda r: r["dead_lettered_at"])
     if as_json:
-        click.echo(json.dumps([x.classification() for x in found.letters], indent=2))
+        click.echo(json.dumps(rows, indent=2))
     else:
-        for line in format_table(found.letters):
+        for line in format_table(rows):
             click.echo(line)
-    click.echo(
-        f"{len(found.letters)} dead letter(s) match ({flt.describe()}); "
-        f"{_scan_note(found.scanned, found.hit_max, max_messages)}; nothing consumed",
-        err=True,
-    )
+    click.echo(f"{len(rows)} dead letter(s) match ({flt.describe()}); {found.note}; nothing consumed", err=True)
     return 0
 
 
@@ -217,22 +204,22 @@ def show(ids: tuple[str, ...], as_json: bool, max_messages: int, **options: Any)
     settings, dl = _settings(options)
     found = peek(settings, dl, Filter(ids=frozenset(ids)), max_messages=max_messages)
     if as_json:
-        click.echo(json.dumps([x.to_record() for x in found.letters], indent=2, ensure_ascii=False))
+        click.echo(json.dumps([x.to_record() for x in found.items], indent=2, ensure_ascii=False))
     else:
-        for i, letter in enumerate(found.letters):
+        for i, letter in enumerate(found.items):
             if i:
                 click.echo("")
             for line in format_letter(letter):
                 click.echo(line)
-    seen = set().union(*(x.ids() for x in found.letters)) if found.letters else set()
+    seen = set().union(*(x.ids() for x in found.items)) if found.items else set()
     missing = [i for i in ids if i not in seen]
-    note = _scan_note(found.scanned, found.hit_max, max_messages)
     if missing:
         click.echo(
-            f"{len(found.letters)} dead letter(s) shown; not found: {', '.join(missing)} ({note}); nothing consumed", err=True
+            f"{len(found.items)} dead letter(s) shown; not found: {', '.join(missing)} ({found.note}); nothing consumed",
+            err=True,
         )
         return 1
-    click.echo(f"{len(found.letters)} dead letter(s) shown ({note}); nothing consumed", err=True)
+    click.echo(f"{len(found.items)} dead letter(s) shown ({found.note}); nothing consumed", err=True)
     return 0
 
 
@@ -257,8 +244,7 @@ def export(file: Path, consume: bool, force: bool, max_messages: int | None, **o
     consumed = f"consumed {result.acked}" if consume else "nothing consumed"
     failed = f", {result.ack_failed} ack(s) failed (still dead letters)" if result.ack_failed else ""
     click.echo(
-        f"exported {result.written} dead letter(s) ({flt.describe()}) to {file}; {consumed}{failed}; "
-        f"{_scan_note(result.scanned, max_messages is not None and result.scanned >= max_messages, max_messages)}"
+        f"exported {result.written} dead letter(s) ({flt.describe()}) to {file}; {consumed}{failed}; {result.note}"
     )
     return 1 if result.ack_failed else 0
 
@@ -283,10 +269,12 @@ def replay(
 ) -> int:
     """Republish matching dead letters to the comments topic (or --to), then ack them.
 
-    The original body, attributes and ordering key are kept and esp_replay_count is incremented. A
-    dead letter is acked only after its republish is confirmed; one that would exceed
-    --max-replays is parked instead (republished with esp_parked=true to the dead-letter topic or
-    --park-topic). Dead letters that do not match are handed back untouched.
+    What the producer sent is republished exactly (body, attributes under their original names,
+    ordering key), with esp_replay_count incremented. A dead letter is acked only after Pub/Sub
+    stored its republished copy; one that would exceed --max-replays is parked instead (rewritten
+    with esp_parked=true to the dead-letter topic or --park-topic). A dead letter that could not
+    keep the whole body is left as it is and counted. Dead letters that do not match are handed
+    back untouched.
     """
     from tqdm import tqdm
 
@@ -331,7 +319,7 @@ def purge(yes: bool, limit: int | None, dry_run: bool, max_messages: int | None,
     settings, dl = _settings(options)
     flt = _build_filter(options)
     result = do_purge(settings, dl, flt, limit=limit, dry_run=dry_run, max_messages=max_messages)
-    note = f"{result.scanned} scanned" + ("; --limit reached" if result.limit_reached else "")
+    note = result.note + ("; --limit reached" if result.limit_reached else "")
     if dry_run:
         click.echo(f"dry run: would purge {result.matched} dead letter(s) ({flt.describe()}); nothing changed; {note}")
         return 0

@@ -12,7 +12,7 @@ class DeadLetterSettings:
     max_replays: int = setting(
         3,
         env="ESP_MAX_REPLAYS",
-        help="Replays a dead letter may have; one that would exceed this is parked instead of replayed.",
+        help="Replays a dead letter may have (0..999); one that would exceed this is parked instead of replayed.",
     )
     park_topic: str | None = setting(
         None,
@@ -36,6 +36,12 @@ class DeadLetterSettings:
         help="Keep scanning at least this long, seconds, even when the subscription looks empty. After an "
         "interrupted run, set it to the lease (--dead-letter-lease-s) so the messages that run held are seen.",
     )
+    max_scan_s: float = setting(
+        1800.0,
+        env="ESP_DEAD_LETTER_MAX_SCAN_S",
+        help="A scan ends after this long, seconds, even while dead letters keep arriving (Pub/Sub cannot tell "
+        "which were there when it began); the summary says so and a re-run continues.",
+    )
     replay_window: int = setting(
         100,
         env="ESP_REPLAY_WINDOW",
@@ -43,10 +49,13 @@ class DeadLetterSettings:
     )
 
     def __post_init__(self) -> None:
-        require(self.max_replays >= 0, "max_replays must be 0 or more")
+        # esp_replay_count is believed only up to 1000 (esp.contracts.MAX_REPLAY_COUNT).
+        require(0 <= self.max_replays <= 999, "max_replays must be between 0 and 999")
         require(10 <= self.dead_letter_lease_s <= 600, "dead_letter_lease_s must be between 10 and 600 (Pub/Sub's limits)")
         require(self.pull_idle_s > 0, "pull_idle_s must be positive")
         require(self.min_scan_s >= 0, "min_scan_s must be 0 or more")
+        require(self.max_scan_s > 0, "max_scan_s must be positive")
+        require(self.max_scan_s >= self.min_scan_s, "max_scan_s must be at least min_scan_s")
         require(1 <= self.replay_window <= 1000, "replay_window must be between 1 and 1000")
         if self.park_topic is not None:
             require(
