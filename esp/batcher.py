@@ -60,10 +60,9 @@ class MicroBatcher(Generic[T]):
         return arrived + self.max_latency_s
 
     def ready(self, now: float) -> bool:
-        if not self._waiting:
-            return False
         due = self.due_at()
-        assert due is not None
+        if due is None:
+            return False
         return len(self._waiting) >= self.max_batch_size or now >= due
 
     def pop(self, now: float, *, flush: bool = False) -> list[T] | None:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
+import subprocess  # nosec B404: the demo runs ESP's own commands, fixed argv
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +61,7 @@ def _esp(*args: str) -> None:
     """Runs an `esp` subcommand in a child process, its progress going straight to the terminal."""
     # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) is noise in a demo.
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], cwd=ROOT, env=env)
+    result = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], cwd=ROOT, env=env)  # nosec B603: ESP's own CLI, no shell
     if result.returncode != 0:
         raise EspError(f"'esp {' '.join(args)}' failed with exit code {result.returncode}")
 

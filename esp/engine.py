@@ -373,7 +373,8 @@ class ScoringEngine:
         return Unavailable("deadline passed before the model answered")
 
     def _launch(self, batch: list[Job]) -> None:
-        assert self._pool is not None
+        if self._pool is None:
+            raise RuntimeError("the engine was not started")
         future = self._pool.submit(self._run_batch, batch)
         with self._cond:
             self._in_flight.add(future)

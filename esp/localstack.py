@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404: starts the local stack's own services (emulator, esp serve, worker), fixed argv
 import time
 import urllib.request
 import uuid
@@ -95,7 +95,7 @@ class ManagedProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")
         out = self._log_file if self._log_file is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # nosec B603: argv built by ESP for its own services, no shell
             self.command(),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -126,19 +126,18 @@ class ManagedProcess:
         return f" (log {self.log_path}: {' | '.join(tail)})" if tail else f" (log {self.log_path})"
 
     def _ready_or_dead(self) -> bool:
-        assert self.proc is not None
-        return self.proc.poll() is not None or self._ready()
+        return self.proc is None or self.proc.poll() is not None or self._ready()
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def send_signal(self, sig: int) -> None:
-        if self.running():
-            assert self.proc is not None
+        if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
     def wait(self, timeout_s: float) -> int:
-        assert self.proc is not None
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} is not running")
         return self.proc.wait(timeout=timeout_s)
 
     def stop(self, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
@@ -207,7 +206,7 @@ class PubSubEmulator(ManagedProcess):
 
     def _answers(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as resp:
+            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as resp:  # nosec B310: fixed http:// URL of our own emulator
                 return resp.status == 200
         except OSError:
             return False

@@ -236,7 +236,7 @@ class TFServingScorer:
         self._metadata = tuple(call_metadata)
         self._sleep = sleep
         self._clock = clock
-        self._rng = random.Random()
+        self._rng = random.Random()  # nosec B311: retry jitter, not a secret
         self._labels: dict[int, tuple[str, ...]] = {}
         self._labels_lock = threading.Lock()
         self._closed = False

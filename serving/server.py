@@ -391,7 +391,8 @@ class ModelManager:
                     self.on_change()
 
     def _reload_config(self) -> None:
-        assert self._config_file is not None
+        if self._config_file is None:
+            return
         try:
             mtime = _file_identity(self._config_file)
         except OSError as exc:
@@ -742,12 +743,15 @@ class ModelServer:
         )
 
     def _rest_status(self, request: Any) -> Any:
-        assert self.servicer is not None
-        return self.servicer._status(request)
+        return self._started_servicer()._status(request)
 
     def _rest_metadata(self, request: Any) -> Any:
-        assert self.servicer is not None
-        return self.servicer._metadata(request)
+        return self._started_servicer()._metadata(request)
+
+    def _started_servicer(self) -> Servicer:
+        if self.servicer is None:
+            raise RuntimeError("the model server was not started")
+        return self.servicer
 
     def failure(self) -> str | None:
         """Why the server can no longer do its job (a supervised part died), or None.

@@ -38,7 +38,7 @@ from typing import Any
 
 from esp import outages as causes
 from esp.contracts import Comment, DeadLetter, ErrorType, InvalidComment, Stage, dead_letter_for, parse_comment
-from esp.engine import Job, Outcome, Rejected, Scored, ScoringEngine, Unavailable
+from esp.engine import Job, Outcome, Rejected, Scored, ScoringEngine
 from esp.errors import ConfigError
 from esp.outages import Outages
 from esp.pubsub import check_reachable, publisher_client, subscriber_client, translate_errors
@@ -166,7 +166,6 @@ class Worker:
         self._publisher: Any = None
         self._subscriber: Any = None
         self._scores_out: TopicPublisher | None = None
-        self._dead_letters_out: TopicPublisher | None = None
         self.health: HealthServer | None = None
         self.ack_deadline_s = pubsub.ack_deadline_s
         self.max_delivery_attempts: int | None = None
@@ -202,12 +201,12 @@ class Worker:
             warnings.simplefilter("ignore", DeprecationWarning)
             publish_request = self._publisher.api.publish
         self._scores_out = self._topic_publisher(publish_request, self.pubsub.scores_topic, causes.SCORES_TOPIC)
-        self._dead_letters_out = self._topic_publisher(publish_request, self.pubsub.dead_letter_topic, causes.DEAD_LETTER_TOPIC)
+        dead_letters_out = self._topic_publisher(publish_request, self.pubsub.dead_letter_topic, causes.DEAD_LETTER_TOPIC)
         self.engine.start()
         for name, target in (
             ("esp-settle", self._settle_loop),
             ("esp-lease", self._lease_loop),
-            ("esp-dead-letter", self._dead_letter_loop),
+            ("esp-dead-letter", lambda: self._dead_letter_loop(dead_letters_out)),
             ("esp-pull", self._pull_loop),
         ):
             thread = threading.Thread(target=self._supervised(name, target), name=name, daemon=True)
@@ -451,8 +450,7 @@ class Worker:
                     scored.append((held, score.to_json_bytes(), score.attributes()))
                 elif isinstance(outcome, Rejected):
                     self._rejected(held, job, outcome)
-                else:
-                    assert isinstance(outcome, Unavailable)
+                else:  # Unavailable: only at shutdown, since the worker's comments have no deadline
                     self._nack([held.ack_id], m.NACKED_SHUTDOWN)
             except Exception as exc:  # e.g. a score that cannot be encoded: this message alone is set aside
                 log.exception("dead-lettering comment %r: unexpected error while handling its result", job.comment.id)
@@ -481,7 +479,8 @@ class Worker:
         The client library's per-message `publish()` cost 32 us of CPU per message here (a proto-plus
         message, a future and a lock each); one request per batch costs 10 us and needs no callback.
         """
-        assert self._scores_out is not None
+        if self._scores_out is None:
+            raise RuntimeError("the worker was not started")
         results = self._scores_out.publish([(data, attributes) for _, data, attributes in scored])
         acked = [held for (held, _, _), result in zip(scored, results) if result is PUBLISHED]
         settled = set(self._ack_many([held.ack_id for held in acked], m.SCORED))
@@ -521,15 +520,15 @@ class Worker:
             self._dead_letter_queue.append((held, letter))
             self._dead_letter_cond.notify()
 
-    def _dead_letter_loop(self) -> None:
-        assert self._dead_letters_out is not None
+    def _dead_letter_loop(self, out: TopicPublisher) -> None:
         while True:
             with self._dead_letter_cond:
                 self._dead_letter_cond.wait_for(lambda: self._dead_letter_queue or self._dead_letters_done)
                 if not self._dead_letter_queue:
                     return
                 batch = [self._dead_letter_queue.popleft() for _ in range(min(DEAD_LETTER_BATCH, len(self._dead_letter_queue)))]
-            results = self._dead_letters_out.publish([(letter.data, letter.to_attributes()) for _, letter in batch])
+            # to_message() always fits Pub/Sub: the body whole when it can, else cut with its digest.
+            results = out.publish([letter.to_message() for _, letter in batch])
             for (held, letter), result in zip(batch, results):
                 if result is PUBLISHED:
                     if self._ack(held.ack_id, m.DEAD_LETTERED):

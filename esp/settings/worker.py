@@ -72,7 +72,9 @@ class WorkerSettings:
         help="Port of the worker's HTTP server: /metrics (Prometheus), /healthz, /readyz; 0 picks a free port.",
     )
     metrics_host: str = setting(
-        "0.0.0.0", env="ESP_METRICS_HOST", help="Address the worker's HTTP server listens on."
+        "0.0.0.0",  # nosec B104: a pod must answer its kubelet's probes and the scraper on the pod IP
+        env="ESP_METRICS_HOST",
+        help="Address the worker's HTTP server listens on.",
     )
     worker_id: str | None = setting(
         None,
