@@ -1,0 +1,118 @@
+"""Scores a request's comments through the shared engine, from asyncio, within the request's deadline.
+
+Every comment of every concurrent request goes to the one `esp.engine.ScoringEngine`, which
+micro-batches them (length-grouped) into Predict calls: many single-comment callers cost what one
+batched caller costs. This module only turns the engine's outcomes into answers:
+
+- the engine's queue is full (`QueueFull`)                  -> 429 queue_full, Retry-After;
+- the model server stayed unavailable until the deadline    -> 503 model_unavailable, Retry-After;
+- the engine did not answer by the deadline (plus a margin) -> 504 deadline_exceeded (never hang);
+- the model refused one comment (`Rejected`)                 -> that comment's own error, its
+  neighbours scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from api.errors import ApiError, Reason
+from esp.contracts import Comment, Score
+from esp.engine import QueueFull, Rejected, Scored, Unavailable
+
+# How long past its deadline a request still waits for the engine's own answer (a 503 with the
+# reason) before answering 504 itself: the engine resolves at the deadline, this is only a guard.
+DEADLINE_MARGIN_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A comment the model refused alone (the engine isolated it); its neighbours were scored."""
+
+    error_type: str
+    reason: str
+
+
+Outcome = Score | Refused
+
+
+class ScoringService:
+    """Submits comments to the engine and awaits them; see the module docstring for the answers."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        deadline_s: float,
+        unavailable_retry_after_s: float,
+        queue_retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.deadline_s = deadline_s
+        self.unavailable_retry_after_s = unavailable_retry_after_s
+        self.queue_retry_after_s = queue_retry_after_s
+        self._clock = clock
+
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the model version being served, or () while the model has not answered."""
+        try:
+            return tuple(self.engine.labels())
+        except Exception:  # noqa: BLE001 - any failure means "not known yet"; /readyz says why
+            return ()
+
+    async def score(self, comments: Sequence[Comment]) -> list[Outcome]:
+        deadline = self._clock() + self.deadline_s
+        futures = []
+        try:
+            for comment in comments:
+                futures.append(self.engine.submit(comment, deadline=deadline))
+        except QueueFull:
+            raise ApiError(
+                429,
+                Reason.QUEUE_FULL,
+                "the scoring queue is full: the model server is not keeping up; retry after the time in Retry-After",
+                retry_after_s=self.queue_retry_after_s,
+            ) from None
+        except RuntimeError as exc:  # the engine is stopping (SIGTERM)
+            raise ApiError(503, Reason.SHUTTING_DOWN, f"the API is shutting down: {exc}", retry_after_s=1) from None
+        waits = [asyncio.wrap_future(f) for f in futures]
+        timeout = max(0.0, deadline - self._clock()) + DEADLINE_MARGIN_S
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*waits), timeout=timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504,
+                Reason.DEADLINE_EXCEEDED,
+                f"no score within the request deadline of {self.deadline_s:g} s",
+                retry_after_s=self.unavailable_retry_after_s,
+            ) from None
+        return [self._outcome(r) for r in results]
+
+    def _outcome(self, result: Any) -> Outcome:
+        if isinstance(result, Scored):
+            return result.score
+        if isinstance(result, Rejected):
+            return Refused(result.error_type, result.reason)
+        if isinstance(result, Unavailable):
+            raise ApiError(
+                503,
+                Reason.MODEL_UNAVAILABLE,
+                f"the model server is unavailable: {result.reason}",
+                retry_after_s=self.unavailable_retry_after_s,
+            )
+        raise ApiError(500, Reason.INTERNAL, f"the scoring engine answered {type(result).__name__}, which this API does not know")
+
+
+def refused_error(refused: Refused, *, index: int | None = None, perspective: bool = False) -> ApiError:
+    """The answer for a request whose only comment the model refused: 422 with the model's reason."""
+    return ApiError(
+        422,
+        refused.error_type,
+        f"the model refused this comment: {refused.reason}",
+        perspective_type="INVALID_REQUEST" if perspective else None,
+        metadata={} if index is None else {"index": index},
+    )
