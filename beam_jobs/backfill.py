@@ -7,7 +7,7 @@
 
 The model handler wraps ESP's `Scorer` (STYLE.md point 3): batching comes from Beam, sized by the
 same max batch size as the worker, and bucketed by text length (Beam's batch_length_fn) so a batch
-pads less; a batch the model rejects is split by `score_isolating_rejects`, exactly as in the
+pads less; a batch the model rejects is split by `score_isolating`, exactly as in the
 worker, and the rejected comment goes to the dead letters. DirectRunner locally (always named);
 on Dataflow pass the usual flags and `--setup_file=./setup.py` (docs/backfill.md).
 """
@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs.options import pipeline_options
 
 from esp.contracts import Comment, InvalidComment, Score, Stage, parse_comment, rfc3339, utc_now
-from esp.scoring import Rejected, Scorer, score_isolating_rejects
+from esp.scoring import Canary, Rejected, Scored, Scorer, score_isolating
 from esp.settings import ModelClientSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
             batch_bucket_boundaries=LENGTH_BUCKETS,
         )
         self._config = config
+        self._canary: Canary | None = None  # made per process, beside the model it checks
 
     def load_model(self) -> Scorer:
         from serving.scorers import make_scorer
@@ -80,10 +81,10 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
     def run_inference(
         self, batch: Sequence[Comment], model: Scorer, inference_args: dict[str, Any] | None = None
     ) -> Iterable[PredictionResult]:
-        scores, rejected = score_isolating_rejects(model, batch)
-        reasons = {r.index: r for r in rejected}
-        for i, comment in enumerate(batch):
-            yield PredictionResult(example=comment, inference=scores[i] if scores[i] is not None else reasons[i])
+        if self._canary is None or self._canary.scorer is not model:
+            self._canary = Canary(model)
+        for comment, outcome in zip(batch, score_isolating(model, batch, canary=self._canary)):
+            yield PredictionResult(example=comment, inference=outcome.score if isinstance(outcome, Scored) else outcome)
 
     def get_metrics_namespace(self) -> str:
         return "esp_backfill"
@@ -113,7 +114,7 @@ def _split_result(result: PredictionResult) -> Iterable[Any]:
     rejected: Rejected = result.inference
     yield beam.pvalue.TaggedOutput(
         DEAD_LETTERS,
-        _dead_letter(comment.to_json_bytes().decode("utf-8"), Stage.SCORE, "model_rejected", rejected.reason),
+        _dead_letter(comment.to_json_bytes().decode("utf-8"), Stage.SCORE, rejected.error_type, rejected.reason),
     )
 
 

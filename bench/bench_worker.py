@@ -49,6 +49,7 @@ from esp.localstack import PubSubEmulator, isolated_pubsub_settings, wait_until 
 from esp.pubsub import publisher_client, subscriber_client  # noqa: E402
 from esp.pubsub_admin import init_resources  # noqa: E402
 from esp.settings import ModelClientSettings, PubSubSettings  # noqa: E402
+from esp.settings import BatchingSettings, build  # noqa: E402
 from esp.settings.worker import WorkerSettings  # noqa: E402
 from serving.local import ModelServerProcess  # noqa: E402
 from worker.local import WorkerProcess  # noqa: E402
@@ -111,7 +112,7 @@ def publish_backlog(settings: PubSubSettings, texts: list[str], n: int, prefix: 
     return elapsed
 
 
-def worker_settings(args: argparse.Namespace, **overrides: Any) -> WorkerSettings:
+def worker_settings(args: argparse.Namespace, **overrides: Any) -> tuple[WorkerSettings, BatchingSettings]:
     values: dict[str, Any] = dict(
         max_batch_size=args.batch_size,
         batches_in_flight=args.batches_in_flight,
@@ -122,17 +123,17 @@ def worker_settings(args: argparse.Namespace, **overrides: Any) -> WorkerSetting
         shutdown_grace_s=10.0,
     )
     values.update(overrides)
-    return WorkerSettings(**values)
+    return build(WorkerSettings, values), build(BatchingSettings, values)
 
 
 def drain_backlog(
-    label: str, emulator: PubSubEmulator, client: ModelClientSettings, texts: list[str], n: int, settings: WorkerSettings,
+    label: str, emulator: PubSubEmulator, client: ModelClientSettings, texts: list[str], n: int, settings: tuple[WorkerSettings, BatchingSettings],
     log_dir: Path, server_pid: int,
 ) -> dict:
     """Publishes a backlog of `n`, starts a worker, times it from ready to the n-th confirmed score."""
     pubsub = fresh_pubsub(emulator)
     publish_backlog(pubsub, texts, n, label)
-    proc = WorkerProcess(pubsub, client, settings, log_path=log_dir / f"worker-{label}.log", env={"ESP_LOG_LEVEL": "WARNING"})
+    proc = WorkerProcess(pubsub, client, *settings, log_path=log_dir / f"worker-{label}.log", env={"ESP_LOG_LEVEL": "WARNING"})
     proc.start()
     try:
         cpu0 = cpu_seconds(proc.pid)
@@ -210,7 +211,7 @@ class ScoreReader:
 
 def latency_at_rate(
     emulator: PubSubEmulator, client: ModelClientSettings, texts: list[str], rate: float, duration_s: float,
-    settings: WorkerSettings, log_dir: Path,
+    settings: tuple[WorkerSettings, BatchingSettings], log_dir: Path,
 ) -> dict:
     """Publishes at `rate` msg/s for `duration_s` to a running worker; percentiles of publish -> score received."""
     pubsub = fresh_pubsub(emulator)
@@ -218,7 +219,7 @@ def latency_at_rate(
     admin = subscriber_client(pubsub)
     admin.create_subscription(request={"name": pubsub.subscription_path(sub_name), "topic": pubsub.topic_path(pubsub.scores_topic)})
     admin.close()
-    proc = WorkerProcess(pubsub, client, settings, log_path=log_dir / "worker-latency.log", env={"ESP_LOG_LEVEL": "WARNING"})
+    proc = WorkerProcess(pubsub, client, *settings, log_path=log_dir / "worker-latency.log", env={"ESP_LOG_LEVEL": "WARNING"})
     proc.start()
     reader = ScoreReader(pubsub, sub_name)
     publisher = publisher_client(pubsub)
@@ -257,13 +258,13 @@ def latency_at_rate(
 
 
 def ready_and_rss(
-    emulator: PubSubEmulator, client: ModelClientSettings, texts: list[str], backlog: int, settings: WorkerSettings,
+    emulator: PubSubEmulator, client: ModelClientSettings, texts: list[str], backlog: int, settings: tuple[WorkerSettings, BatchingSettings],
     watch_s: float, log_dir: Path,
 ) -> dict:
     """A worker started with `backlog` messages waiting: seconds to /readyz 200, then peak RSS while it works."""
     pubsub = fresh_pubsub(emulator)
     publish_s = publish_backlog(pubsub, texts, backlog, "rss")
-    proc = WorkerProcess(pubsub, client, settings, log_path=log_dir / "worker-rss.log", env={"ESP_LOG_LEVEL": "WARNING"})
+    proc = WorkerProcess(pubsub, client, *settings, log_path=log_dir / "worker-rss.log", env={"ESP_LOG_LEVEL": "WARNING"})
     t0 = time.monotonic()
     proc.start()
     ready_s = time.monotonic() - t0
@@ -293,7 +294,7 @@ def ready_and_rss(
 
 def batcher_batches(texts: list[str], batch_size: int, grouping: bool, pool: int) -> list[list[str]]:
     """The batches the worker's batcher forms from a backlog (`pool` comments waiting, as with a full ledger)."""
-    from worker.batcher import MicroBatcher
+    from esp.batcher import MicroBatcher
 
     batcher: MicroBatcher[str] = MicroBatcher(max_batch_size=batch_size, max_latency_s=0.0, length_grouping=grouping, length=len)
     batches = []
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                           for _ in range(args.repeats)], "sequences_per_s")
         results["naive_raw"] = naive_raw
         log.warning("naive raw: %s seq/s", naive_raw["runs"])
-        pool = worker_settings(args).max_outstanding_messages
+        pool = worker_settings(args)[0].max_outstanding_messages
         for grouping in (True, False):
             batches = batcher_batches(texts, args.batch_size, grouping, pool)
             cells = [raw_over_batches(server.target, batches, args.batches_in_flight, args.raw_duration_s) for _ in range(args.repeats)]

@@ -39,8 +39,23 @@ class ErrorType:
     MISSING_TEXT = "missing_text"
     NON_STRING_TEXT = "non_string_text"
     EMPTY_TEXT = "empty_text"
-    # Raised by the model, not by validation: the model server refused this one comment.
+    # A string field that is not valid Unicode text (a lone surrogate from a \ud800 escape, say):
+    # the model client and the score encoder must send it as UTF-8 and could not.
+    UNENCODABLE_TEXT = "unencodable_text"
+    # Raised by the model, not by validation: the model server refused this one comment, even alone
+    # and while a known-good canary passed.
     MODEL_REJECTED = "model_rejected"
+    # The model answered for this comment, alone, with a probability that is NaN, infinite or
+    # outside [0, 1], while the canary's answers were fine.
+    MODEL_OUTPUT_INVALID = "model_output_invalid"
+    # Scoring this comment alone raised something unexpected (not a rejection, not an outage),
+    # while the canary passed.
+    MODEL_ERROR = "model_error"
+    # Pub/Sub refused the score of this comment (INVALID_ARGUMENT), even in a request of its own.
+    SCORE_PUBLISH_REFUSED = "score_publish_refused"
+    # An unexpected error in ESP while handling this one message; the reason names it. The message
+    # is set aside rather than allowed to stop a worker thread.
+    INTERNAL_ERROR = "internal_error"
 
 
 class Stage:
@@ -75,6 +90,22 @@ class Comment:
         return json.dumps({"id": self.id, "text": self.text}, ensure_ascii=False).encode("utf-8")
 
 
+def _unencodable_at(value: str) -> int | None:
+    """Index of the first character UTF-8 cannot carry (a lone surrogate), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _control_char(value: str) -> str | None:
+    for ch in value:
+        if ch < " " or "\x7f" <= ch <= "\x9f":
+            return ch
+    return None
+
+
 def _check_fields(obj: Any) -> Comment:
     if not isinstance(obj, dict):
         raise InvalidComment(ErrorType.NOT_AN_OBJECT, f"body must be a JSON object, got {type(obj).__name__}")
@@ -87,6 +118,16 @@ def _check_fields(obj: Any) -> Comment:
         raise InvalidComment(ErrorType.INVALID_ID, "'id' is empty")
     if len(cid) > MAX_ID_CHARS:
         raise InvalidComment(ErrorType.INVALID_ID, f"'id' has {len(cid)} characters, the limit is {MAX_ID_CHARS}")
+    bad_at = _unencodable_at(cid)
+    if bad_at is not None:
+        raise InvalidComment(
+            ErrorType.UNENCODABLE_TEXT, f"'id' is not valid Unicode: lone surrogate U+{ord(cid[bad_at]):04X} at character {bad_at}"
+        )
+    # Ids travel into log lines, attributes, file names of exports and warehouse keys: a newline or
+    # an escape sequence in one is an injection, never an identifier.
+    ctrl = _control_char(cid)
+    if ctrl is not None:
+        raise InvalidComment(ErrorType.INVALID_ID, f"'id' contains the control character U+{ord(ctrl):04X}")
     if "text" not in obj or obj["text"] is None:
         raise InvalidComment(ErrorType.MISSING_TEXT, "no 'text' field")
     text = obj["text"]
@@ -94,6 +135,12 @@ def _check_fields(obj: Any) -> Comment:
         raise InvalidComment(ErrorType.NON_STRING_TEXT, f"'text' must be a string, got {type(text).__name__}")
     if not text.strip():
         raise InvalidComment(ErrorType.EMPTY_TEXT, "'text' is empty or only whitespace")
+    bad_at = _unencodable_at(text)
+    if bad_at is not None:
+        raise InvalidComment(
+            ErrorType.UNENCODABLE_TEXT,
+            f"'text' is not valid Unicode: lone surrogate U+{ord(text[bad_at]):04X} at character {bad_at}",
+        )
     return Comment(id=cid, text=text)
 
 
@@ -113,6 +160,13 @@ def parse_comment(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         raise InvalidComment(
             ErrorType.INVALID_JSON, f"body is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except RecursionError:
+        # Valid JSON nested deeper than the parser's stack: `[[[[...]]]]` in a few kilobytes.
+        raise InvalidComment(ErrorType.INVALID_JSON, "body is JSON nested too deeply to read") from None
+    except ValueError as exc:
+        # Valid JSON the parser still refuses, e.g. an integer of more than 4,300 digits
+        # (CPython's int conversion limit): not a JSONDecodeError, and never a comment.
+        raise InvalidComment(ErrorType.INVALID_JSON, f"body is not readable JSON: {str(exc)[:200]}") from None
     return _check_fields(obj)
 
 

@@ -76,7 +76,7 @@ def test_bad_model_rejects_then_fixed_model_and_replay_scores_everything(
     server = start_model_server(base)
     s = fresh(emulator)
     scores = Scores(s)
-    start_worker(s, model_client_settings(server), fast_worker_settings(worker_id="dl-e2e"))
+    start_worker(s, model_client_settings(server), *fast_worker_settings(worker_id="dl-e2e"))
 
     comments = jigsaw_comments(40)
     rejected = {cid for i, (cid, _) in enumerate(comments) if i % 5 == 0}

@@ -13,6 +13,7 @@ import pytest
 from esp.errors import ConfigError
 from esp.logs import configure_logging
 from esp.settings import LogSettings, ModelClientSettings, build
+from esp.settings import BatchingSettings
 from esp.settings.worker import WorkerSettings
 from worker.backends import build_scorer
 from worker.local import settings_env
@@ -46,18 +47,19 @@ def test_version_label_needs_a_model_server() -> None:
         build_scorer(
             WorkerSettings(backend="saved_model", saved_model_dir="/nonexistent"),
             ModelClientSettings(model_version_label="stable"),
+            BatchingSettings(),
         )
 
 
 def test_tfserving_backend_imports_no_tensorflow() -> None:
     code = (
         "import sys\n"
-        "from esp.settings import ModelClientSettings\n"
+        "from esp.settings import BatchingSettings, ModelClientSettings\n"
         "from esp.settings.worker import WorkerSettings\n"
         "from worker.backends import build_scorer\n"
         "import worker.service, esp.cli.main\n"
-        "scorer, probe = build_scorer(WorkerSettings(), ModelClientSettings(model_version_label='stable'))\n"
-        "assert scorer.version_label == 'stable' and scorer.retry_budget_s <= WorkerSettings().retry_max_backoff_s\n"
+        "scorer, probe = build_scorer(WorkerSettings(), ModelClientSettings(model_version_label='stable'), BatchingSettings())\n"
+        "assert scorer.version_label == 'stable' and scorer.retry_budget_s <= BatchingSettings().retry_max_backoff_s\n"
         "heavy = [m for m in ('tensorflow', 'numpy', 'apache_beam') if m in sys.modules]\n"
         "print(heavy)\n"
     )
@@ -67,13 +69,15 @@ def test_tfserving_backend_imports_no_tensorflow() -> None:
 
 
 def test_settings_round_trip_through_the_environment() -> None:
-    settings = WorkerSettings(max_batch_size=16, length_grouping=False, worker_id="w-1", max_batch_latency_ms=7.5)
-    env = settings_env(settings)
+    settings = WorkerSettings(worker_id="w-1", max_outstanding_messages=64)
+    batching = BatchingSettings(max_batch_size=16, length_grouping=False, max_batch_latency_ms=7.5)
+    env = settings_env(settings, batching)
     assert env["ESP_MAX_BATCH_SIZE"] == "16" and env["ESP_LENGTH_GROUPING"] == "false"
     assert "ESP_SAVED_MODEL_DIR" not in env
     from esp.settings import from_env
 
     assert from_env(WorkerSettings, env) == settings
+    assert from_env(BatchingSettings, env) == batching
 
 
 def test_json_logs_carry_batch_id_and_model_version() -> None:

@@ -46,7 +46,7 @@ def test_scores_match_the_in_process_model(
 
     comments = jigsaw_comments(300)
     started = time.monotonic()
-    proc = start_worker(stream.settings, model_client_settings(model_server), process_settings())
+    proc = start_worker(stream.settings, model_client_settings(model_server), *process_settings())
     ready_s = time.monotonic() - started
     stream.publish_comments(comments, app="e2e")
     stream.collect(scores=len(comments), timeout_s=60)
@@ -84,7 +84,7 @@ def test_model_server_outage_of_30_s_loses_nothing(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     server = start_model_server(test_model_base)
-    proc = start_worker(stream.settings, model_client_settings(server), process_settings())
+    proc = start_worker(stream.settings, model_client_settings(server), *process_settings())
     comments = jigsaw_comments(600)
     stream.publish_comments(comments[:200])
     stream.collect(scores=100, timeout_s=30)
@@ -93,7 +93,7 @@ def test_model_server_outage_of_30_s_loses_nothing(
     stream.publish_comments(comments[200:])
     wait_until(lambda: proc.readyz()[0] == 503, timeout_s=15, what="the worker to report not ready")
     assert "unavailable" in proc.readyz()[1]
-    assert proc.metric("esp_paused_for_outage") == 1
+    assert proc.metric("esp_paused", cause="model server") == 1
     time.sleep(30)  # the outage: three ack deadlines long
     assert proc.readyz()[0] == 503
     server.start()
@@ -106,7 +106,7 @@ def test_model_server_outage_of_30_s_loses_nothing(
     for outcome in ("nacked_rejected", "nacked_shutdown", "nacked_publish_failed", "dead_lettered"):
         assert proc.metric("esp_messages_total", outcome=outcome) == 0
     assert proc.metric("esp_lease_extensions_total") > 0
-    assert proc.metric("esp_paused_for_outage") == 0
+    assert proc.metric("esp_paused", cause="model server") == 0
     duplicates = len(stream.scores) - 600
     assert duplicates == 0, f"{duplicates} duplicates: a lease was not held through the outage"
 
@@ -127,13 +127,13 @@ def test_sigterm_mid_stream_then_a_second_worker_loses_nothing(
 ) -> None:
     client = model_client_settings(model_server)
     # One small batch in flight keeps the first worker busy long enough to be interrupted.
-    first = start_worker(stream.settings, client, process_settings(max_batch_size=8, batches_in_flight=1))
+    first = start_worker(stream.settings, client, *process_settings(max_batch_size=8, batches_in_flight=1))
     ids = _publish_many(stream, jigsaw_comments(500), copies=8)
     stream.collect(scores=300, timeout_s=60)
 
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout_s=20) == 0, "drained and exited 0 within the grace period"
-    second = start_worker(stream.settings, client, process_settings())
+    second = start_worker(stream.settings, client, *process_settings())
     stream.collect(scores=len(ids), timeout_s=60)
     stream.quiet(0.5)
     assert stream.score_ids() == ids
@@ -147,14 +147,14 @@ def test_sigkill_mid_stream_then_restart_recovers_everything_within_60_s(
 ) -> None:
     assert stream.settings.ack_deadline_s == 10
     client = model_client_settings(model_server)
-    first = start_worker(stream.settings, client, process_settings(max_batch_size=8, batches_in_flight=1))
+    first = start_worker(stream.settings, client, *process_settings(max_batch_size=8, batches_in_flight=1))
     ids = _publish_many(stream, jigsaw_comments(500), copies=8)
     stream.collect(scores=300, timeout_s=60)
 
     first.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     first.wait(timeout_s=10)
-    start_worker(stream.settings, client, process_settings())
+    start_worker(stream.settings, client, *process_settings())
     stream.collect(scores=len(ids), timeout_s=60 - (time.monotonic() - killed_at))
     recovered_s = time.monotonic() - killed_at
     stream.quiet(0.5)
@@ -171,7 +171,7 @@ def test_an_unknown_version_label_keeps_the_worker_not_ready(
     # --model-version-label reaches the client; a label the server lacks: not ready, with why, and nothing pulled.
     stream.publish_comments([("lbl-1", "waits for a servable model")])
     client = model_client_settings(model_server, model_version_label="nonexistent")
-    proc = start_worker(stream.settings, client, process_settings(), wait_for_ready=False)
+    proc = start_worker(stream.settings, client, *process_settings(), wait_for_ready=False)
     wait_until(lambda: "nonexistent" in proc.readyz()[1], timeout_s=20, what="/readyz to name the missing label")
     assert proc.readyz()[0] == 503
     assert proc.metric("esp_pulled_messages_total") == 0
@@ -179,7 +179,7 @@ def test_an_unknown_version_label_keeps_the_worker_not_ready(
 
 def test_worker_refuses_a_missing_subscription(emulator, model_server: ModelServerProcess, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings = PubSubSettings(project="esp-missing", emulator_host=emulator.host, subscription="no-such-sub")
-    proc = WorkerProcess(settings, model_client_settings(model_server), process_settings(), log_path=tmp_path / "w.log")
+    proc = WorkerProcess(settings, model_client_settings(model_server), *process_settings(), log_path=tmp_path / "w.log")
     with pytest.raises(ServiceUnreachable):
         proc.start()
     log = (tmp_path / "w.log").read_text()

@@ -18,6 +18,7 @@ import pytest
 
 from esp.contracts import DeadLetter, ErrorType, Stage
 from esp.localstack import wait_until
+from esp.scoring import CANARY_TEXTS
 from tests.fixtures.worker import (
     LABELS,
     Outage,
@@ -58,7 +59,8 @@ def running() -> Iterator[list[Worker]]:
 
 def start(running: list[Worker], scorer, stream: Stream, **overrides: object) -> Worker:  # type: ignore[no-untyped-def]
     probe = getattr(scorer, "probe", None)
-    worker = Worker(scorer, pubsub=stream.settings, settings=fast_worker_settings(**overrides), probe=probe).start()
+    settings, batching = fast_worker_settings(**overrides)
+    worker = Worker(scorer, pubsub=stream.settings, settings=settings, batching=batching, probe=probe).start()
     running.append(worker)
     wait_until(worker.ready, timeout_s=10, what="the worker to become ready")
     return worker
@@ -95,7 +97,8 @@ def test_every_comment_is_scored_exactly_once_with_its_attributes(stream: Stream
             "truncated": "true" if rec["truncated"] else "false",
         }
     assert max(scorer.batch_sizes) <= 16
-    assert sum(scorer.batch_sizes) == 300
+    # Without a probe, the engine asks the canary whether the model answers before pulling.
+    assert sum(scorer.batch_sizes) == 300 + worker.engine.canary.checks * len(CANARY_TEXTS)
     assert sample(worker, "esp_messages_total", outcome="scored") == 300
     assert sample(worker, "esp_end_to_end_latency_seconds_count") == 300
     assert len(message_ids) == 300
@@ -159,11 +162,11 @@ def test_outage_pauses_pulling_and_resumes_without_a_nack(stream: Stream, runnin
     status, body = http(worker, "/readyz")
     assert status == 503 and "unavailable" in body
     assert http(worker, "/healthz")[0] == 200
-    assert sample(worker, "esp_paused_for_outage") == 1
+    assert sample(worker, "esp_paused", cause="model server") == 1
     pulled_when_paused = sample(worker, "esp_pulled_messages_total")
     wait_until(lambda: scorer.failed_calls >= 5, timeout_s=10, what="retries with backoff")
     assert sample(worker, "esp_pulled_messages_total") <= pulled_when_paused + worker.settings.pull_max_messages
-    assert sample(worker, "esp_retries_total") >= 4
+    assert sample(worker, "esp_batch_retries_total") >= 4
 
     scorer.down.clear()
     stream.collect(scores=160, timeout_s=30)
@@ -174,8 +177,8 @@ def test_outage_pauses_pulling_and_resumes_without_a_nack(stream: Stream, runnin
     assert stream.dead_letters == []
     for outcome in ("nacked_rejected", "nacked_shutdown", "nacked_publish_failed", "dead_lettered"):
         assert sample(worker, "esp_messages_total", outcome=outcome) == 0
-    assert sample(worker, "esp_paused_for_outage") == 0
-    assert sample(worker, "esp_paused_for_outage_seconds_total") > 0
+    assert sample(worker, "esp_paused", cause="model server") == 0
+    assert sample(worker, "esp_paused_seconds_total", cause="model server") > 0
 
 
 def test_a_rejected_comment_is_isolated_and_dead_lettered_on_its_last_attempt(stream: Stream, running: list[Worker]) -> None:
@@ -260,8 +263,8 @@ def test_http_endpoints(stream: Stream, running: list[Worker]) -> None:
     status, body = http(worker, "/metrics")
     assert status == 200
     assert 'esp_messages_total{outcome="scored"} 1.0' in body
-    for name in ("esp_batch_size", "esp_scoring_latency_seconds", "esp_end_to_end_latency_seconds", "esp_in_flight_messages",
-                 "esp_retries_total", "esp_paused_for_outage"):
+    for name in ("esp_batch_size", "esp_batch_latency_seconds", "esp_end_to_end_latency_seconds", "esp_in_flight_messages",
+                 "esp_batch_retries_total", "esp_paused", "esp_model_outage"):
         assert name in body
     assert http(worker, "/nope")[0] == 404
 
@@ -269,7 +272,8 @@ def test_http_endpoints(stream: Stream, running: list[Worker]) -> None:
 def test_not_ready_until_the_model_answers(stream: Stream, running: list[Worker]) -> None:
     scorer = Outage(SumScorer())
     scorer.down.set()
-    worker = Worker(scorer, pubsub=stream.settings, settings=fast_worker_settings(), probe=scorer.probe).start()
+    settings, batching = fast_worker_settings()
+    worker = Worker(scorer, pubsub=stream.settings, settings=settings, batching=batching, probe=scorer.probe).start()
     running.append(worker)
     stream.publish_comments([("r-1", "waiting for the model")])
     # Two failed probes: the worker has had its chance to pull in between, and did not.
@@ -290,7 +294,8 @@ def test_an_idle_worker_notices_the_model_server_going_away(stream: Stream, runn
     scorer.down.set()
     wait_until(lambda: not worker.ready(), timeout_s=10, what="not ready while the model server is down")
     status, body = http(worker, "/readyz")
-    assert status == 503 and "model not ready" in body
+    assert status == 503 and "paused: model server unavailable" in body
+    assert sample(worker, "esp_paused", cause="model server") == 1
     scorer.down.clear()
     wait_until(worker.ready, timeout_s=10, what="ready again once the model answers")
     stream.publish_comments([("idle-1", "scored after the outage")])

@@ -2,7 +2,8 @@
 
 `/readyz` answers 503 with the reason while the model server is unreachable or its model is not
 loaded, while pulling is paused for an outage, and while shutting down, so Kubernetes stops
-routing and the autoscaler and the on-call engineer can see why.
+routing and the autoscaler and the on-call engineer can see why. `/healthz` answers 503, with what
+died, once a worker thread or the scoring engine has failed; the process then exits non-zero too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from esp.errors import EspError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ class HealthServer:
         registry: CollectorRegistry,
         alive: Callable[[], bool],
         not_ready: Callable[[], str | None],
+        not_alive: Callable[[], str | None] | None = None,
     ) -> None:
         server_self = self
 
@@ -37,11 +41,11 @@ class HealthServer:
                 if path == "/metrics":
                     self._send(200, generate_latest(server_self.registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    ok = server_self.alive()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"worker threads stopped\n")
+                    dead = server_self.not_alive() if server_self.not_alive else (None if server_self.alive() else "worker threads stopped")
+                    self._send(200 if dead is None else 503, b"ok\n" if dead is None else dead.encode("utf-8", "replace") + b"\n")
                 elif path == "/readyz":
                     reason = server_self.not_ready()
-                    self._send(200 if reason is None else 503, b"ready\n" if reason is None else reason.encode() + b"\n")
+                    self._send(200 if reason is None else 503, b"ready\n" if reason is None else reason.encode("utf-8", "replace") + b"\n")
                 else:
                     self._send(404, b"not found: try /metrics, /healthz, /readyz\n")
 
@@ -59,7 +63,11 @@ class HealthServer:
         self.registry = registry
         self.alive = alive
         self.not_ready = not_ready
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self.not_alive = not_alive
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise EspError(f"cannot serve health and metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="esp-health", daemon=True)
 

@@ -126,17 +126,31 @@ class Ledger:
         return min(self.margin_s, lease.lease_s / 2)
 
     def due_for_extension(self, now: float) -> list[str]:
-        """Ack ids whose lease ends within its margin; they are recorded as extended to `extension_s`.
+        """Ack ids whose lease ends within its margin and may still be extended.
 
-        Messages held longer than `max_lease_duration_s` are no longer extended: Pub/Sub redelivers
-        them, so a stuck worker cannot hold a message forever. They stay in the ledger (and count
-        against flow control) until they are settled.
+        Nothing is recorded here: a lease counts as extended only once Pub/Sub confirmed it
+        (`extended`), so a failed call leaves the message due and it is retried at the next check,
+        while its old lease still runs. Messages held longer than `max_lease_duration_s` are no
+        longer extended: Pub/Sub redelivers them, so a stuck worker cannot hold a message forever.
+        They stay in the ledger (and count against flow control) until they are settled.
         """
-        due = []
         with self._lock:
-            for ack_id, lease in self._held.items():
-                if now >= lease.expires_at - self._margin(lease) and now - lease.received_at < self.max_lease_duration_s:
+            return [
+                ack_id
+                for ack_id, lease in self._held.items()
+                if now >= lease.expires_at - self._margin(lease) and now - lease.received_at < self.max_lease_duration_s
+            ]
+
+    def extended(self, ack_ids: list[str], now: float) -> None:
+        """Records leases Pub/Sub confirmed extended at `now` to `extension_s`."""
+        with self._lock:
+            for ack_id in ack_ids:
+                lease = self._held.get(ack_id)
+                if lease is not None:
                     lease.expires_at = now + self.extension_s
                     lease.lease_s = self.extension_s
-                    due.append(ack_id)
-        return due
+
+    def expiring(self, now: float) -> int:
+        """How many held leases have already run out (Pub/Sub may have redelivered them)."""
+        with self._lock:
+            return sum(1 for lease in self._held.values() if lease.expires_at <= now)

@@ -1,25 +1,32 @@
-"""The scoring worker: pulls comments, validates, micro-batches, scores, publishes, then acks.
+"""The scoring worker: pulls comments, validates, scores through the shared engine, publishes, acks.
 
-Threads, each with one job:
+Threads, each with one job, every one supervised (a thread that dies fails /healthz and makes
+`run()` exit non-zero, so Kubernetes restarts the pod; nothing keeps looking healthy while idle):
 - the puller: unary Pull in batches (10x the streaming-pull callback's rate on the emulator, see
-  DESIGN.md), only while the ledger has room and no outage pauses it; validates each message and
-  dead-letters poison at once, so a bad message never waits for or blocks a batch;
-- the dispatcher: releases batches from the micro-batcher (full, or its oldest comment waited
-  max_batch_latency_ms) to a pool of `batches_in_flight` scoring threads;
-- the scoring threads: score through the one Scorer interface, isolating rejected comments by
-  splitting; when the model server is unavailable they retry with capped backoff while pulling is
-  paused and leases keep being extended (a nack would spend a delivery attempt);
-- the settler: sends acks and nacks in batches, and extends the leases of everything held.
-A message is acked only after its score (or dead letter) is confirmed published. Settling goes
+  DESIGN.md), only while the ledger has room and no outage is open. It validates each message on
+  its own: any failure, expected (InvalidComment) or not, dead-letters that one message with its
+  stage, type and reason, and its neighbours go on to the engine;
+- the scoring engine (esp.engine, shared with the HTTP API): micro-batches, canary-checked isolation
+  of comments the model cannot score, and model outages; it hands each finished batch to
+  `_on_batch`, which publishes all its scores in one Publish request and acks them;
+- the dead-letter publisher: sends dead letters in batched requests, acks their messages once
+  Pub/Sub confirmed them;
+- the settler: sends acks and nacks in batches; the lease keeper: extends the leases of everything
+  held, recording an extension only once Pub/Sub confirmed it (a failed one is retried before the
+  lease runs out). Separate threads, so acks, nacks and extensions never wait on one another.
+
+Faults are told apart (docs/worker.md, "Faults"): a message's own fault is dead-lettered with its
+reason; an outage of the model server or of a topic pauses pulling and holds every lease, because
+each nack, like each expired lease, spends one of the message's delivery attempts. Held messages
+are released only at the maximum lease duration or at shutdown, one attempt each. Settling goes
 through the Ledger, which lets a message be settled exactly once.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
 import datetime as dt
-import itertools
 import logging
 import os
 import socket
@@ -29,35 +36,43 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from esp.contracts import Comment, ErrorType, InvalidComment, Score, Stage, dead_letter_for, parse_comment
+from esp import outages as causes
+from esp.contracts import DeadLetter, ErrorType, InvalidComment, Stage, dead_letter_for, parse_comment
+from esp.engine import Job, Outcome, Rejected, Scored, ScoringEngine, Unavailable
+from esp.errors import ConfigError
+from esp.outages import Outages
 from esp.pubsub import check_reachable, publisher_client, subscriber_client, translate_errors
-from esp.scoring import ModelNotFound, ModelUnavailable, Scorer, score_isolating_rejects
-from esp.settings import CommentSettings, PubSubSettings
+from esp.scoring import Scorer
+from esp.settings import BatchingSettings, CommentSettings, PubSubSettings
 from esp.settings.worker import WorkerSettings
 from worker import metrics as m
-from worker.batcher import MicroBatcher
 from worker.health import HealthServer
 from worker.leases import Ledger
+from worker.publisher import GAVE_UP, PUBLISHED, TopicPublisher
 
 log = logging.getLogger(__name__)
 
 # Acknowledge/ModifyAckDeadline requests carry at most this many ack ids (Pub/Sub caps a request at
 # 512 KB; real ack ids are up to ~200 bytes).
 SETTLE_CHUNK = 1000
-# A Publish request carries at most 1,000 messages (and 10 MB; scores are about 300 bytes).
-PUBLISH_CHUNK = 1000
+# Dead letters sent in one Publish request at most (TopicPublisher also bounds the bytes).
+DEAD_LETTER_BATCH = 500
+# After the shutdown grace, how long the final acks and nacks may take. The worker exits within
+# shutdown_grace_s + SHUTDOWN_FLUSH_S; the pod's terminationGracePeriodSeconds must exceed that.
+SHUTDOWN_FLUSH_S = 8.0
+# Acks and nacks that fail are retried this many times (with backoff) before they are given up.
+SETTLE_ATTEMPTS = 3
 UTC = dt.timezone.utc
 
 
 @dataclasses.dataclass(eq=False)
-class Item:
-    """A valid comment the worker holds, with what scoring, publishing and dead-lettering need."""
+class Held:
+    """A pulled message the worker holds until it is settled: what acking and dead-lettering need."""
 
     ack_id: str
-    comment: Comment
-    published_at: dt.datetime
-    delivery_attempt: int
     message: Any  # the PubsubMessage protobuf: original bytes and attributes, for a dead letter
+    delivery_attempt: int
+    published_at: dt.datetime | None = None
 
 
 def default_worker_id() -> str:
@@ -65,10 +80,10 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    """One scoring worker. `start()` returns once it is pulling; `stop()` drains and returns.
+    """One scoring worker. `start()` returns once its threads run; `stop()` drains and returns.
 
-    `probe` is called before pulling starts (and must raise while the model is not servable); the
-    CLI passes the scorer's model check. `clock` is monotonic seconds, injectable for tests.
+    `probe` is called before pulling starts and while idle (it must raise while the model is not
+    servable); the CLI passes the scorer's model check. `clock` is monotonic seconds, injectable.
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class Worker:
         *,
         pubsub: PubSubSettings,
         settings: WorkerSettings,
+        batching: BatchingSettings | None = None,
         comments: CommentSettings | None = None,
         probe: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -85,14 +101,14 @@ class Worker:
         self.scorer = scorer
         self.pubsub = pubsub
         self.settings = settings
+        self.batching = batching or BatchingSettings()
         self.comments = comments or CommentSettings()
-        self._probe = probe
+        if settings.max_outstanding_messages < self.batching.max_batch_size:
+            raise ConfigError("max_outstanding_messages must be at least max_batch_size, or no batch could ever fill")
         self._clock = clock
         self.metrics = metrics or m.WorkerMetrics()
         self.worker_id = settings.worker_id or default_worker_id()
         self._sub_path = pubsub.subscription_path(pubsub.subscription)
-        self._scores_topic = pubsub.topic_path(pubsub.scores_topic)
-        self._dl_topic = pubsub.topic_path(pubsub.dead_letter_topic)
 
         self._ledger = Ledger(
             max_messages=settings.max_outstanding_messages,
@@ -101,47 +117,39 @@ class Worker:
             margin_s=settings.lease_margin_s,
             max_lease_duration_s=settings.max_lease_duration_s,
         )
-        self._batcher: MicroBatcher[Item] = MicroBatcher(
-            max_batch_size=settings.max_batch_size,
-            max_latency_s=settings.max_batch_latency_ms / 1000.0,
-            length_grouping=settings.length_grouping,
-            length=lambda item: len(item.comment.text),
+        self.outages = Outages(on_change=self._outage_changed, on_resolved=self._outage_resolved, clock=clock)
+        self.engine = ScoringEngine(
+            scorer,
+            settings=self.batching,
+            registry=self.metrics.registry,
+            probe=probe,
+            on_batch=self._on_batch,
+            outages=self.outages,
+            clock=clock,
         )
-        self._batch_cond = threading.Condition()
-        self._slots = threading.BoundedSemaphore(settings.batches_in_flight)
-        self._batch_ids = itertools.count(1)
-        self._in_flight: set[concurrent.futures.Future] = set()
-        self._in_flight_lock = threading.Lock()
 
-        self._stop = threading.Event()  # stop pulling and dispatching
-        self._grace_over = threading.Event()  # in-flight batches must give up now
-        self._resume = threading.Event()  # set while pulling may go on (no outage)
-        self._resume.set()
-        self._stop_requested = False  # set by signal handlers: a plain store is signal-safe
-
-        self._state_lock = threading.Lock()
-        self._outage_batches = 0
-        self._outage_since: float | None = None
-        self._outage_reason = ""
-        self._model_ok = False
-        self._model_error = "model not probed yet"
-        self._last_idle_probe = float("-inf")
+        self._stop = threading.Event()  # stop pulling
+        self._grace_deadline = float("inf")  # past it, retries give up (shutdown)
+        self._stop_requested = threading.Event()  # set by signal handlers (Event.set is signal-safe)
+        self._fatal: str | None = None
         self._pulling = False
         self._pull_error: str | None = None
+        self._state_lock = threading.Lock()
 
         self._settle_cond = threading.Condition()
         self._acks: list[str] = []
         self._nacks: list[str] = []
         self._settle_done = False
-        self._publishing = 0
-        self._publish_cond = threading.Condition()
+        self._dead_letter_cond = threading.Condition()
+        self._dead_letter_queue: collections.deque[tuple[Held, DeadLetter]] = collections.deque()
+        self._dead_letters_done = False
 
         self._outcome = {o: self.metrics.messages.labels(o) for o in m.OUTCOMES}
         self._threads: list[threading.Thread] = []
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._publisher: Any = None
-        self._publish_request: Any = None
         self._subscriber: Any = None
+        self._scores_out: TopicPublisher | None = None
+        self._dead_letters_out: TopicPublisher | None = None
         self.health: HealthServer | None = None
         self.ack_deadline_s = pubsub.ack_deadline_s
         self.max_delivery_attempts: int | None = None
@@ -151,8 +159,6 @@ class Worker:
 
     def start(self, *, serve_http: bool = True) -> Worker:
         """Opens the clients, starts the HTTP endpoints and the threads; returns without waiting for the model."""
-        from google.cloud.pubsub_v1 import types
-
         self._started_at = self._clock()
         if serve_http:
             self.health = HealthServer(
@@ -161,38 +167,69 @@ class Worker:
                 registry=self.metrics.registry,
                 alive=self.alive,
                 not_ready=self.not_ready,
+                not_alive=self.not_alive,
             ).start()
         try:
             check_reachable(self.pubsub)
             self._subscriber = subscriber_client(self.pubsub)
             self._read_subscription()
+            self._publisher = publisher_client(self.pubsub)
         except BaseException:
             if self._subscriber is not None:
                 self._subscriber.close()
             if self.health is not None:
                 self.health.stop()
             raise
-        self._publisher = publisher_client(
-            self.pubsub,
-            # Only dead letters go through the client's per-message publish (scores go one request per
-            # batch); a short max latency acks poison promptly.
-            batch_settings=types.BatchSettings(max_messages=500, max_bytes=1_000_000, max_latency=0.005),
-        )
         with warnings.catch_warnings():
             # The GAPIC publish (one request, many messages) is shadowed on PublisherClient by the
             # per-message publish(); `.api` reaches it and is kept "for backward compatibility".
             warnings.simplefilter("ignore", DeprecationWarning)
-            self._publish_request = self._publisher.api.publish
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.settings.batches_in_flight, thread_name_prefix="esp-score")
+            publish_request = self._publisher.api.publish
+        self._scores_out = self._topic_publisher(publish_request, self.pubsub.scores_topic, causes.SCORES_TOPIC)
+        self._dead_letters_out = self._topic_publisher(publish_request, self.pubsub.dead_letter_topic, causes.DEAD_LETTER_TOPIC)
+        self.engine.start()
         for name, target in (
             ("esp-settle", self._settle_loop),
-            ("esp-dispatch", self._dispatch_loop),
+            ("esp-lease", self._lease_loop),
+            ("esp-dead-letter", self._dead_letter_loop),
             ("esp-pull", self._pull_loop),
         ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(target=self._supervised(name, target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _topic_publisher(self, publish_request: Callable[..., Any], topic: str, cause: str) -> TopicPublisher:
+        retries = self.metrics.publish_retries.labels(topic)
+        return TopicPublisher(
+            publish_request,
+            self.pubsub.topic_path(topic),
+            cause=cause,
+            outages=self.outages,
+            timeout_s=self.pubsub.pubsub_timeout_s,
+            initial_backoff_s=self.batching.retry_initial_backoff_s,
+            max_backoff_s=self.batching.retry_max_backoff_s,
+            give_up=self._grace_is_over,
+            on_retry=retries.inc,
+        )
+
+    def _supervised(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # a bug in ESP: the process must say so, not idle on
+                log.critical("worker thread %s died: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+                self._fail(f"thread {name} died: {type(exc).__name__}: {exc}")
+
+        return run
+
+    def _fail(self, reason: str) -> None:
+        with self._state_lock:
+            if self._fatal is None:
+                self._fatal = reason
+        self.metrics.alive.set(0)
+        self._set_ready_gauge()
+        self._stop_requested.set()
 
     def _read_subscription(self) -> None:
         """Reads the ack deadline and dead-letter policy from the subscription itself, the source of truth."""
@@ -212,51 +249,49 @@ class Worker:
 
     def request_stop(self) -> None:
         """Signal-handler safe: only records the request; `run()` does the shutdown."""
-        self._stop_requested = True
+        self._stop_requested.set()
 
     def run(self) -> int:
-        """Starts, serves until SIGTERM/SIGINT (via `request_stop`), drains; returns the exit code."""
+        """Starts, serves until SIGTERM/SIGINT or a fatal fault, drains; returns the exit code."""
         self.start()
-        while not self._stop_requested:
-            time.sleep(0.1)
-        log.info("stop requested: draining (grace %.0fs)", self.settings.shutdown_grace_s)
+        self.metrics.alive.set(1)
+        while not self._stop_requested.wait(0.2):
+            if self.engine.fatal is not None:
+                self._fail(self.engine.fatal)
+        if self._fatal is not None:
+            log.critical("worker cannot go on, exiting non-zero after a best-effort drain: %s", self._fatal)
+        else:
+            log.info("stop requested: draining (grace %.0fs)", self.settings.shutdown_grace_s)
         self.stop()
-        return 0
+        return 0 if self._fatal is None else 1
 
     def stop(self) -> None:
-        """Stops pulling, finishes in-flight batches within the grace period, nacks the rest, flushes."""
-        grace_deadline = self._clock() + self.settings.shutdown_grace_s
+        """Stops pulling, lets in-flight work finish within the grace period, nacks the rest, flushes.
+
+        Returns within shutdown_grace_s + SHUTDOWN_FLUSH_S.
+        """
+        started = self._clock()
+        self._grace_deadline = started + self.settings.shutdown_grace_s
         self._stop.set()
-        self._resume.set()
-        with self._batch_cond:
-            self._batch_cond.notify_all()
         for thread in self._threads:
-            if thread.name in ("esp-pull", "esp-dispatch"):
-                thread.join()
-        with self._batch_cond:
-            waiting = self._batcher.drain()
-        self._nack([item.ack_id for item in waiting], m.NACKED_SHUTDOWN)
-        with self._in_flight_lock:
-            in_flight = set(self._in_flight)
-        if in_flight:
-            log.info("waiting up to %.1fs for %d batches in flight", max(0.0, grace_deadline - self._clock()), len(in_flight))
-            concurrent.futures.wait(in_flight, timeout=max(0.0, grace_deadline - self._clock()))
-        self._grace_over.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        # Dead letters already handed to the publisher are worth confirming: their messages can then be acked.
-        with self._publish_cond:
-            self._publish_cond.wait_for(lambda: self._publishing == 0, timeout=max(2.0, grace_deadline - self._clock()))
-        left = [ack_id for ack_id in self._ledger.all_held()]
+            if thread.name == "esp-pull":
+                thread.join(timeout=self.settings.shutdown_grace_s)
+        # In-flight batches finish (publishing included) or answer Unavailable, which nacks.
+        self.engine.stop(grace_s=max(0.0, self._grace_deadline - self._clock()))
+        with self._dead_letter_cond:
+            self._dead_letters_done = True
+            self._dead_letter_cond.notify_all()
+        self._join("esp-dead-letter", max(0.0, self._grace_deadline - self._clock()) + 1.0)
+        left = self._ledger.all_held()
         if left:
             log.info("nacking %d comments not finished within the grace period", len(left))
         self._nack(left, m.NACKED_SHUTDOWN)
         with self._settle_cond:
             self._settle_done = True
             self._settle_cond.notify_all()
-        for thread in self._threads:
-            if thread.name == "esp-settle":
-                thread.join(timeout=self.pubsub.pubsub_timeout_s)
+        flush_deadline = max(self._grace_deadline, self._clock()) + SHUTDOWN_FLUSH_S
+        self._join("esp-settle", max(0.0, flush_deadline - self._clock()))
+        self._join("esp-lease", 1.0)
         if self._publisher is not None:
             self._publisher.stop()
         if self._subscriber is not None:
@@ -264,22 +299,50 @@ class Worker:
         if self.health is not None:
             self.health.stop()
         self._set_ready_gauge()
-        log.info("worker stopped")
+        log.info("worker stopped after %.1fs", self._clock() - started)
+
+    def _join(self, name: str, timeout_s: float) -> None:
+        for thread in self._threads:
+            if thread.name == name:
+                thread.join(timeout=timeout_s)
+
+    def _grace_is_over(self) -> bool:
+        return self._clock() >= self._grace_deadline
 
     # ------------------------------------------------------------------ state
 
+    def not_alive(self) -> str | None:
+        """None while every thread runs; otherwise what died (the body of a 503 from /healthz)."""
+        if self._fatal is not None:
+            return self._fatal
+        if self.engine.fatal is not None:
+            return self.engine.fatal
+        if self._stop.is_set():
+            return None
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead:
+            return f"worker threads stopped: {', '.join(dead)}"
+        if not self.engine.alive():
+            return "scoring engine stopped"
+        return None
+
     def alive(self) -> bool:
-        return self._stop.is_set() or all(t.is_alive() for t in self._threads)
+        return self.not_alive() is None
 
     def not_ready(self) -> str | None:
         """None when ready to score; otherwise why not (the body of a 503 from /readyz)."""
+        dead = self.not_alive()
+        if dead is not None:
+            return f"failed: {dead}"
         if self._stop.is_set():
             return "shutting down"
+        engine = self.engine.not_ready()
+        if engine is not None:
+            return engine
+        paused = self.outages.describe()
+        if paused is not None:
+            return paused
         with self._state_lock:
-            if self._outage_batches:
-                return f"paused: model server unavailable: {self._outage_reason}"
-            if not self._model_ok:
-                return f"model not ready: {self._model_error}"
             if self._pull_error:
                 return f"cannot pull: {self._pull_error}"
             if not self._pulling:
@@ -292,60 +355,22 @@ class Worker:
     def _set_ready_gauge(self) -> None:
         self.metrics.ready.set(1 if self.ready() else 0)
 
-    def _enter_outage(self, reason: str) -> None:
-        with self._state_lock:
-            self._outage_batches += 1
-            self._outage_reason = reason
-            self._model_ok = False
-            self._model_error = reason
-            if self._outage_batches == 1:
-                self._outage_since = self._clock()
-                self._resume.clear()
-                self.metrics.paused.set(1)
-                log.warning("model server unavailable, pausing pulls and holding leases: %s", reason)
+    def _outage_changed(self, cause: str, is_open: bool) -> None:
+        self.metrics.paused.labels(cause).set(1 if is_open else 0)
         self._set_ready_gauge()
 
-    def _leave_outage(self, recovered: bool) -> None:
-        with self._state_lock:
-            self._outage_batches -= 1
-            if recovered:
-                self._model_ok = True
-            if self._outage_batches == 0:
-                if self._outage_since is not None:
-                    paused_s = self._clock() - self._outage_since
-                    self.metrics.paused_seconds.inc(paused_s)
-                    log.warning("model server answers again after %.1fs; resuming pulls", paused_s)
-                self._outage_since = None
-                self._resume.set()
-                self.metrics.paused.set(0)
-        self._set_ready_gauge()
+    def _outage_resolved(self, cause: str, seconds: float) -> None:
+        self.metrics.paused_seconds.labels(cause).inc(seconds)
 
     # ------------------------------------------------------------------ pulling
-
-    def _wait_for_model(self) -> bool:
-        """Probes the model until it answers (or stop); pulling before that would only hold messages."""
-        backoff = self.settings.retry_initial_backoff_s
-        while not self._stop.is_set():
-            try:
-                if self._probe is not None:
-                    self._probe()
-            except Exception as exc:  # any failure means "not servable yet"; the reason goes to /readyz
-                with self._state_lock:
-                    self._model_error = str(exc) or type(exc).__name__
-                log.warning("model not ready yet: %s", self._model_error)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.settings.retry_max_backoff_s)
-                continue
-            with self._state_lock:
-                self._model_ok = True
-            return True
-        return False
 
     def _pull_loop(self) -> None:
         from google.api_core import exceptions as gexc
 
-        if not self._wait_for_model():
-            return
+        # Pulling before the model answers would only hold messages.
+        while not self.engine.servable.wait(0.2):
+            if self._stop.is_set():
+                return
         with self._state_lock:
             self._pulling = True
         self._set_ready_gauge()
@@ -358,7 +383,9 @@ class Worker:
         )
         request: dict[str, Any] = {"subscription": self._sub_path, "max_messages": 0}
         while not self._stop.is_set():
-            if not self._resume.wait(0.5):
+            # An open outage: messages not yet pulled spend no delivery attempt, so leave them there.
+            if self.outages.paused():
+                self.outages.wait_until_clear(0.5)
                 continue
             room = self._ledger.wait_for_room(0.5)
             if room == 0 or self._stop.is_set():
@@ -367,9 +394,7 @@ class Worker:
             try:
                 response = self._subscriber.pull(request=request, timeout=self.settings.pull_timeout_s, retry=None)
             except gexc.DeadlineExceeded:
-                # An idle subscription: nothing arrived within the pull's deadline.
-                self._probe_while_idle()
-                continue
+                continue  # an idle subscription: nothing arrived within the pull's deadline
             except gexc.GoogleAPICallError as exc:
                 with self._state_lock:
                     self._pull_error = f"{type(exc).__name__}: {exc.message}"
@@ -384,221 +409,138 @@ class Worker:
             received = type(response).pb(response).received_messages
             if received:
                 self._take(received)
-            else:
-                self._probe_while_idle()
-
-    def _probe_while_idle(self) -> None:
-        """Asks the model server now and then while idle: with no batch to fail, nothing else would
-        notice it going away, and /readyz would claim a readiness the worker does not have."""
-        now = self._clock()
-        if self._probe is None or now - self._last_idle_probe < self.settings.idle_probe_interval_s:
-            return
-        self._last_idle_probe = now
-        try:
-            self._probe()
-        except Exception as exc:  # any failure means "not servable"; the reason goes to /readyz
-            with self._state_lock:
-                self._model_ok = False
-                self._model_error = str(exc) or type(exc).__name__
-            self._set_ready_gauge()
-            log.warning("model server stopped answering while idle; not pulling until it does: %s", self._model_error)
-            self._wait_for_model()
-            self._set_ready_gauge()
 
     def _take(self, received: Sequence[Any]) -> None:
-        now = self._clock()
         if self._stop.is_set():
             # Shutdown began while this pull was on the wire: hand these back at once.
             self._send_settle([rm.ack_id for rm in received], 0)
             return
-        self._ledger.hold_many([(rm.ack_id, len(rm.message.data)) for rm in received], now, self.ack_deadline_s)
+        self._ledger.hold_many([(rm.ack_id, len(rm.message.data)) for rm in received], self._clock(), self.ack_deadline_s)
         self.metrics.pulled.inc(len(received))
         self._update_held_gauges()
-        valid = []
         max_body = self.comments.max_body_bytes
         for rm in received:
-            msg = rm.message
+            held = Held(rm.ack_id, rm.message, rm.delivery_attempt)
             try:
-                comment = parse_comment(msg.data, max_body_bytes=max_body)
+                comment = parse_comment(rm.message.data, max_body_bytes=max_body)
+                held.published_at = rm.message.publish_time.ToDatetime(tzinfo=UTC)
             except InvalidComment as exc:
-                log.info("dead-lettering message %s: %s: %s", msg.message_id, exc.error_type, exc.reason)
-                self._dead_letter(rm.ack_id, msg, rm.delivery_attempt, Stage.VALIDATE, exc.error_type, exc.reason)
+                log.info("dead-lettering message %s: %s: %s", rm.message.message_id, exc.error_type, exc.reason)
+                self._dead_letter(held, Stage.VALIDATE, exc.error_type, exc.reason)
                 continue
-            valid.append(Item(rm.ack_id, comment, msg.publish_time.ToDatetime(tzinfo=UTC), rm.delivery_attempt, msg))
-        if valid:
-            with self._batch_cond:
-                for item in valid:
-                    self._batcher.add(item, now)
-                self._batch_cond.notify()
-
-    # ------------------------------------------------------------------ batching and scoring
-
-    def _dispatch_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self._slots.acquire(timeout=0.5):
+            except Exception as exc:  # anything a body can make ESP raise is that message's problem alone
+                log.exception("dead-lettering message %s: unexpected error while reading it", rm.message.message_id)
+                self._dead_letter(held, Stage.VALIDATE, ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
                 continue
-            batch = None
-            with self._batch_cond:
-                while not self._stop.is_set():
-                    now = self._clock()
-                    batch = self._batcher.pop(now)
-                    if batch is not None:
-                        break
-                    due = self._batcher.due_at()
-                    self._batch_cond.wait(0.5 if due is None else min(0.5, max(0.0, due - now)))
-            if batch is None:
-                self._slots.release()
-                return
-            assert self._pool is not None
-            future = self._pool.submit(self._score, batch, next(self._batch_ids))
-            with self._in_flight_lock:
-                self._in_flight.add(future)
-            future.add_done_callback(self._batch_done)
+            self.engine.submit(comment, context=held, published_at=held.published_at)
 
-    def _batch_done(self, future: concurrent.futures.Future) -> None:
-        with self._in_flight_lock:
-            self._in_flight.discard(future)
-        self._slots.release()
-        if not future.cancelled() and future.exception() is not None:
-            log.error("scoring thread failed", exc_info=future.exception())
+    # ------------------------------------------------------------------ results of a batch
 
-    def _score(self, batch: list[Item], batch_id: int) -> None:
-        comments = [item.comment for item in batch]
-        published = [item.published_at for item in batch]
-        backoff = self.settings.retry_initial_backoff_s
-        in_outage = False
-        recovered = False
-        try:
-            while True:
-                started = self._clock()
-                try:
-                    results, rejected = score_isolating_rejects(self.scorer, comments, published_at=published)
-                    recovered = True
-                    break
-                except Exception as exc:  # anything but a rejection is not the comments' fault: hold, retry
-                    reason = f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, (ModelUnavailable, ModelNotFound)):
-                        log.debug("batch %d: %s", batch_id, reason, extra={"batch_id": batch_id})
-                    else:
-                        log.error("batch %d failed unexpectedly; holding it and retrying", batch_id, exc_info=True, extra={"batch_id": batch_id})
-                    if not in_outage:
-                        in_outage = True
-                        self._enter_outage(reason)
-                    if self._grace_over.is_set():
-                        self._nack([item.ack_id for item in batch], m.NACKED_SHUTDOWN)
-                        return
-                    self.metrics.retries.inc()
-                    self._grace_over.wait(backoff)
-                    backoff = min(backoff * 2, self.settings.retry_max_backoff_s)
-        finally:
-            if in_outage:
-                self._leave_outage(recovered)
-        elapsed = self._clock() - started
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.scoring_latency.observe(elapsed)
-        version = next((s.model_version for s in results if s is not None), None)
-        log.debug(
-            "batch %d: %d comments scored in %.1f ms, %d rejected",
-            batch_id, len(batch), elapsed * 1000, len(rejected),
-            extra={"batch_id": batch_id, "model_version": version},
-        )
-        scored = [(item, score) for item, score in zip(batch, results) if score is not None]
+    def _on_batch(self, results: list[tuple[Job, Outcome]]) -> None:
+        """Called by the engine once per batch: one Publish for all its scores, then the acks."""
+        scored: list[tuple[Held, bytes, dict[str, str]]] = []
+        for job, outcome in results:
+            held: Held = job.context
+            try:
+                if isinstance(outcome, Scored):
+                    score = outcome.score
+                    scored.append((held, score.to_json_bytes(), score.attributes()))
+                elif isinstance(outcome, Rejected):
+                    self._rejected(held, job, outcome)
+                else:
+                    assert isinstance(outcome, Unavailable)
+                    self._nack([held.ack_id], m.NACKED_SHUTDOWN)
+            except Exception as exc:  # e.g. a score that cannot be encoded: this message alone is set aside
+                log.exception("dead-lettering comment %r: unexpected error while handling its result", job.comment.id)
+                self._dead_letter(held, Stage.PUBLISH, ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         if scored:
-            self._publish_scores(scored, batch_id)
-        for rej in rejected:
-            item = batch[rej.index]
-            if self.max_delivery_attempts is not None and item.delivery_attempt >= self.max_delivery_attempts:
-                log.warning(
-                    "comment %s rejected by the model on its last attempt (%d): dead-lettering it: %s",
-                    item.comment.id, item.delivery_attempt, rej.reason, extra={"batch_id": batch_id, "model_version": version},
-                )
-                self._dead_letter(item.ack_id, item.message, item.delivery_attempt, Stage.SCORE, ErrorType.MODEL_REJECTED, rej.reason)
-            else:
-                log.warning(
-                    "comment %s rejected by the model (attempt %d of %s); nacking it for redelivery: %s",
-                    item.comment.id, item.delivery_attempt, self.max_delivery_attempts, rej.reason,
-                    extra={"batch_id": batch_id, "model_version": version},
-                )
-                self._nack([item.ack_id], m.NACKED_REJECTED)
+            self._publish_scores(scored)
 
-    # ------------------------------------------------------------------ publishing
+    def _rejected(self, held: Held, job: Job, outcome: Rejected) -> None:
+        last = self.max_delivery_attempts is not None and held.delivery_attempt >= self.max_delivery_attempts
+        if last:
+            log.warning(
+                "comment %r failed alone on its last attempt (%d): dead-lettering it: %s: %s",
+                job.comment.id, held.delivery_attempt, outcome.error_type, outcome.reason,
+            )
+            self._dead_letter(held, Stage.SCORE, outcome.error_type, outcome.reason)
+        else:
+            log.warning(
+                "comment %r failed alone (attempt %d of %s); nacking it for redelivery: %s: %s",
+                job.comment.id, held.delivery_attempt, self.max_delivery_attempts, outcome.error_type, outcome.reason,
+            )
+            self._nack([held.ack_id], m.NACKED_REJECTED)
 
-    def _publish_scores(self, scored: list[tuple[Item, Score]], batch_id: int) -> None:
-        """One Publish call per batch (raw protobufs), then the acks: the call's return is the confirmation.
+    def _publish_scores(self, scored: list[tuple[Held, bytes, dict[str, str]]]) -> None:
+        """One Publish request per batch (raw protobufs), then the acks: the call's return is the confirmation.
 
         The client library's per-message `publish()` cost 32 us of CPU per message here (a proto-plus
         message, a future and a lock each); one request per batch costs 10 us and needs no callback.
         """
-        from google.api_core import exceptions as gexc
-        from google.pubsub_v1.types import PublishRequest
+        assert self._scores_out is not None
+        results = self._scores_out.publish([(data, attributes) for _, data, attributes in scored])
+        acked = [held for (held, _, _), result in zip(scored, results) if result is PUBLISHED]
+        settled = set(self._ack_many([held.ack_id for held in acked], m.SCORED))
+        now = dt.datetime.now(UTC)
+        observe = self.metrics.end_to_end_latency.observe
+        for held in acked:
+            if held.ack_id in settled and held.published_at is not None:
+                observe((now - held.published_at).total_seconds())
+        for (held, _, _), result in zip(scored, results):
+            if result is GAVE_UP:
+                self._nack([held.ack_id], m.NACKED_SHUTDOWN)
+            elif isinstance(result, str):
+                self._dead_letter(held, Stage.PUBLISH, ErrorType.SCORE_PUBLISH_REFUSED, result)
 
-        for start in range(0, len(scored), PUBLISH_CHUNK):
-            chunk = scored[start : start + PUBLISH_CHUNK]
-            request = PublishRequest.pb()(topic=self._scores_topic)
-            for _, score in chunk:
-                message = request.messages.add()
-                message.data = score.to_json_bytes()
-                message.attributes.update(score.attributes())
-            try:
-                self._publish_request(request=PublishRequest.wrap(request), timeout=self.pubsub.pubsub_timeout_s)
-            except gexc.GoogleAPIError as exc:
-                log.error("publishing %d scores failed; nacking their comments: %s", len(chunk), exc, extra={"batch_id": batch_id})
-                self._nack([item.ack_id for item, _ in chunk], m.NACKED_PUBLISH_FAILED)
-                continue
-            now = dt.datetime.now(UTC)
-            acked = set(self._ack_many([item.ack_id for item, _ in chunk], m.SCORED))
-            observe = self.metrics.end_to_end_latency.observe
-            for item, _ in chunk:
-                if item.ack_id in acked:
-                    observe((now - item.published_at).total_seconds())
+    # ------------------------------------------------------------------ dead letters
 
-    def _dead_letter(self, ack_id: str, msg: Any, attempt: int, stage: str, error_type: str, reason: str) -> None:
-        letter = dead_letter_for(
-            msg.data,
-            dict(msg.attributes),
-            stage=stage,
-            error_type=error_type,
-            reason=reason,
-            worker=self.worker_id,
-            delivery_attempt=attempt or None,
-            source_message_id=msg.message_id,
-            source_subscription=self._sub_path,
-            ordering_key=msg.ordering_key,
-        )
-        self._publish(self._dl_topic, letter.data, letter.to_attributes(), ack_id, error_type)
-
-    def _publish(self, topic: str, data: bytes, attributes: dict[str, str], ack_id: str, error_type: str) -> None:
-        """Publishes a dead letter through the client library (a rare path); acks once it is confirmed."""
-        with self._publish_cond:
-            self._publishing += 1
-        future = self._publisher.publish(topic, data, **attributes)
-        future.add_done_callback(lambda f: self._published(f, ack_id, error_type))
-
-    def _published(self, future: Any, ack_id: str, error_type: str) -> None:
+    def _dead_letter(self, held: Held, stage: str, error_type: str, reason: str) -> None:
+        msg = held.message
         try:
-            error = future.exception()
-            if error is None:
-                if self._ack(ack_id, m.DEAD_LETTERED):
-                    self.metrics.dead_letters.labels(error_type).inc()
-            else:
-                log.error("publishing a dead letter failed; nacking the message: %s", error)
-                self._nack([ack_id], m.NACKED_PUBLISH_FAILED)
-        finally:
-            with self._publish_cond:
-                self._publishing -= 1
-                if self._publishing == 0:
-                    self._publish_cond.notify_all()
+            letter = dead_letter_for(
+                bytes(msg.data),
+                dict(msg.attributes),
+                stage=stage,
+                error_type=error_type,
+                reason=reason,
+                worker=self.worker_id,
+                delivery_attempt=held.delivery_attempt or None,
+                source_message_id=msg.message_id,
+                source_subscription=self._sub_path,
+                ordering_key=msg.ordering_key,
+            )
+        except Exception:  # cannot even describe it: hand it back; Pub/Sub's policy is the last net
+            log.exception("cannot build a dead letter for message %s; nacking it", msg.message_id)
+            self._nack([held.ack_id], m.NACKED_PUBLISH_FAILED)
+            return
+        with self._dead_letter_cond:
+            self._dead_letter_queue.append((held, letter))
+            self._dead_letter_cond.notify()
+
+    def _dead_letter_loop(self) -> None:
+        assert self._dead_letters_out is not None
+        while True:
+            with self._dead_letter_cond:
+                self._dead_letter_cond.wait_for(lambda: self._dead_letter_queue or self._dead_letters_done)
+                if not self._dead_letter_queue:
+                    return
+                batch = [self._dead_letter_queue.popleft() for _ in range(min(DEAD_LETTER_BATCH, len(self._dead_letter_queue)))]
+            results = self._dead_letters_out.publish([(letter.data, letter.to_attributes()) for _, letter in batch])
+            for (held, letter), result in zip(batch, results):
+                if result is PUBLISHED:
+                    if self._ack(held.ack_id, m.DEAD_LETTERED):
+                        self.metrics.dead_letters.labels(letter.error_type).inc()
+                elif result is GAVE_UP:
+                    self._nack([held.ack_id], m.NACKED_SHUTDOWN)
+                else:
+                    log.error("Pub/Sub refused the dead letter of message %s even alone; nacking it: %s",
+                              held.message.message_id, result)
+                    self._nack([held.ack_id], m.NACKED_PUBLISH_FAILED)
 
     # ------------------------------------------------------------------ settling and leases
 
     def _ack(self, ack_id: str, outcome: str) -> bool:
-        if not self._ledger.settle(ack_id):
-            return False
-        with self._settle_cond:
-            self._acks.append(ack_id)
-            self._settle_cond.notify()
-        self._outcome[outcome].inc()
-        return True
+        return bool(self._ack_many([ack_id], outcome))
 
     def _ack_many(self, ack_ids: list[str], outcome: str) -> list[str]:
         settled = self._ledger.settle_many(ack_ids)
@@ -623,12 +565,9 @@ class Worker:
         self.metrics.in_flight_bytes.set(self._ledger.bytes)
 
     def _settle_loop(self) -> None:
-        check_every_s = min(1.0, self.settings.lease_margin_s / 4)
-        next_check = self._clock()
         while True:
             with self._settle_cond:
-                if not self._acks and not self._nacks and not self._settle_done:
-                    self._settle_cond.wait(max(0.0, next_check - self._clock()))
+                self._settle_cond.wait_for(lambda: self._acks or self._nacks or self._settle_done, timeout=1.0)
                 acks, self._acks = self._acks, []
                 nacks, self._nacks = self._nacks, []
                 done = self._settle_done
@@ -636,35 +575,53 @@ class Worker:
                 self._send_settle(acks, None)
             if nacks:
                 self._send_settle(nacks, 0)
-            now = self._clock()
-            if now >= next_check and not done:
-                due = self._ledger.due_for_extension(now)
-                if due:
-                    self._send_settle(due, self.settings.lease_extension_s)
-                    self.metrics.lease_extensions.inc(len(due))
-                next_check = now + check_every_s
             self._update_held_gauges()
             if done and not acks and not nacks:
-                with self._settle_cond:
-                    if not self._acks and not self._nacks:
-                        return
+                return
 
-    def _send_settle(self, ack_ids: Sequence[str], deadline_s: int | None) -> None:
-        """Acks (`deadline_s` None), nacks (0) or extends leases, in chunks; a failure means a redelivery."""
+    def _lease_loop(self) -> None:
+        check_every_s = min(1.0, self.settings.lease_margin_s / 4)
+        while True:
+            with self._settle_cond:
+                if self._settle_cond.wait_for(lambda: self._settle_done, timeout=check_every_s):
+                    return
+            now = self._clock()
+            due = self._ledger.due_for_extension(now)
+            if not due:
+                continue
+            confirmed = self._send_settle(due, self.settings.lease_extension_s, attempts=1)
+            self._ledger.extended(confirmed, now)
+            self.metrics.lease_extensions.inc(len(confirmed))
+            if len(confirmed) < len(due):
+                # Left due: retried at the next check, well before the lease (margin_s) runs out.
+                self.metrics.lease_extension_errors.inc(len(due) - len(confirmed))
+
+    def _send_settle(self, ack_ids: Sequence[str], deadline_s: int | None, *, attempts: int = SETTLE_ATTEMPTS) -> list[str]:
+        """Acks (`deadline_s` None), nacks (0) or extends leases, in chunks; returns the ack ids confirmed."""
         from google.api_core import exceptions as gexc
 
-        timeout = self.pubsub.pubsub_timeout_s
+        what = "ack" if deadline_s is None else ("nack" if deadline_s == 0 else "lease extension")
+        timeout = min(self.pubsub.pubsub_timeout_s, SHUTDOWN_FLUSH_S / 2)
+        confirmed: list[str] = []
         for i in range(0, len(ack_ids), SETTLE_CHUNK):
             chunk = list(ack_ids[i : i + SETTLE_CHUNK])
-            try:
-                if deadline_s is None:
-                    self._subscriber.acknowledge(request={"subscription": self._sub_path, "ack_ids": chunk}, timeout=timeout)
-                else:
-                    self._subscriber.modify_ack_deadline(
-                        request={"subscription": self._sub_path, "ack_ids": chunk, "ack_deadline_seconds": deadline_s},
-                        timeout=timeout,
-                    )
-            except gexc.GoogleAPICallError as exc:
-                what = "ack" if deadline_s is None else ("nack" if deadline_s == 0 else "lease extension")
-                self.metrics.settle_errors.inc(len(chunk))
-                log.warning("%s of %d messages failed (they will be redelivered): %s", what, len(chunk), exc)
+            for attempt in range(1, attempts + 1):
+                try:
+                    if deadline_s is None:
+                        self._subscriber.acknowledge(request={"subscription": self._sub_path, "ack_ids": chunk}, timeout=timeout)
+                    else:
+                        self._subscriber.modify_ack_deadline(
+                            request={"subscription": self._sub_path, "ack_ids": chunk, "ack_deadline_seconds": deadline_s},
+                            timeout=timeout,
+                        )
+                except gexc.GoogleAPICallError as exc:
+                    if attempt < attempts:
+                        time.sleep(0.2 * 2**attempt)
+                        continue
+                    if deadline_s != self.settings.lease_extension_s:
+                        self.metrics.settle_errors.inc(len(chunk))
+                    log.warning("%s of %d messages failed: %s", what, len(chunk), exc)
+                    break
+                confirmed.extend(chunk)
+                break
+        return confirmed

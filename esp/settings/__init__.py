@@ -6,6 +6,7 @@ entry points use `from_env`. `ALL_GROUPS` feeds `esp config` and the README's co
 """
 
 from esp.settings.base import build, click_options, describe, from_env, setting
+from esp.settings.batching import BatchingSettings
 from esp.settings.contracts import CommentSettings
 from esp.settings.dead_letters import DeadLetterSettings
 from esp.settings.logs import LogSettings
@@ -14,10 +15,11 @@ from esp.settings.serving import ModelClientSettings, ModelServerSettings
 from esp.settings.worker import WorkerSettings
 from esp.settings.training import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings
 
-ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
+ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, BatchingSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
 
 __all__ = [
     "ALL_GROUPS",
+    "BatchingSettings",
     "CommentSettings",
     "DataSettings",
     "DeadLetterSettings",

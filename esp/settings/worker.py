@@ -1,8 +1,7 @@
-"""Settings of the scoring worker (`esp worker run`): batching, flow control, leases, health.
+"""Settings of the scoring worker (`esp worker run`): flow control, leases, health, shutdown.
 
-Defaults are chosen for one worker pod in front of one model server: batches of 32 (where the
-small BERT's throughput levels off, DESIGN.md), two batches in flight so the model server never
-waits for the worker, and an outstanding-message bound that keeps RSS flat whatever the backlog.
+Batching lives in BatchingSettings (esp/settings/batching.py), shared with the HTTP API. The
+outstanding-message bound keeps RSS flat whatever the backlog.
 """
 
 from __future__ import annotations
@@ -25,24 +24,6 @@ class WorkerSettings:
         None,
         env="ESP_SAVED_MODEL_DIR",
         help="Model base path (`<dir>/<version>/saved_model.pb`) or one version's directory, for --backend saved_model.",
-    )
-    max_batch_size: int = setting(
-        32, env="ESP_MAX_BATCH_SIZE", help="Most comments in one Predict call."
-    )
-    max_batch_latency_ms: float = setting(
-        20.0,
-        env="ESP_MAX_BATCH_LATENCY_MS",
-        help="Longest a comment waits for its batch to fill before the batch is sent anyway, milliseconds.",
-    )
-    batches_in_flight: int = setting(
-        2,
-        env="ESP_BATCHES_IN_FLIGHT",
-        help="Batches scored concurrently; 2 keeps the model server busy while the worker publishes the last answer.",
-    )
-    length_grouping: bool = setting(
-        True,
-        env="ESP_LENGTH_GROUPING",
-        help="Batch comments of similar length together so the model pads less (the oldest waiting comment is always in the next batch).",
     )
     max_outstanding_messages: int = setting(
         2000,
@@ -79,22 +60,6 @@ class WorkerSettings:
         env="ESP_MAX_LEASE_DURATION_S",
         help="Stop extending a message held this long, seconds, and let Pub/Sub redeliver it; bounds what a stuck worker can hold.",
     )
-    retry_initial_backoff_s: float = setting(
-        0.2,
-        env="ESP_RETRY_INITIAL_BACKOFF_S",
-        help="First wait before retrying a batch the model server could not take, seconds; doubles each time.",
-    )
-    retry_max_backoff_s: float = setting(
-        2.0,
-        env="ESP_RETRY_MAX_BACKOFF_S",
-        help="Cap of that wait, seconds: during an outage the worker notices the server is back within about this long.",
-    )
-    idle_probe_interval_s: float = setting(
-        5.0,
-        env="ESP_IDLE_PROBE_INTERVAL_S",
-        help="While no comments arrive, ask the model server this often whether it still serves the model, seconds, "
-        "so /readyz stays true when no batch is there to fail.",
-    )
     shutdown_grace_s: float = setting(
         20.0,
         env="ESP_SHUTDOWN_GRACE_S",
@@ -116,23 +81,12 @@ class WorkerSettings:
     )
 
     def __post_init__(self) -> None:
-        require(1 <= self.max_batch_size <= 4096, "max_batch_size must be between 1 and 4096")
-        require(self.max_batch_latency_ms >= 0, "max_batch_latency_ms must not be negative")
-        require(1 <= self.batches_in_flight <= 64, "batches_in_flight must be between 1 and 64")
-        require(
-            self.max_outstanding_messages >= self.max_batch_size,
-            "max_outstanding_messages must be at least max_batch_size, or no batch could ever fill",
-        )
         require(self.max_outstanding_bytes >= 1024 * 1024, "max_outstanding_bytes must be at least 1 MiB")
         require(1 <= self.pull_max_messages <= 1000, "pull_max_messages must be between 1 and 1000 (Pub/Sub's limit)")
         require(self.pull_timeout_s > 0, "pull_timeout_s must be positive")
         require(10 <= self.lease_extension_s <= 600, "lease_extension_s must be between 10 and 600 (Pub/Sub's limits)")
         require(0 < self.lease_margin_s < self.lease_extension_s, "lease_margin_s must be positive and below lease_extension_s")
         require(self.max_lease_duration_s > 0, "max_lease_duration_s must be positive")
-        require(
-            0 < self.retry_initial_backoff_s <= self.retry_max_backoff_s,
-            "retry backoff must satisfy 0 < retry_initial_backoff_s <= retry_max_backoff_s",
-        )
         require(self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative")
         require(0 <= self.metrics_port <= 65535, "metrics_port must be between 0 and 65535")
         require(

@@ -1,4 +1,4 @@
-"""The micro-batcher and the lease ledger, driven with injected time (no services, no sleeps)."""
+"""The micro-batcher shared by the worker and the HTTP API, driven with injected time (no services, no sleeps)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from worker.batcher import MicroBatcher
-from worker.leases import Ledger
+from esp.batcher import MicroBatcher
 
 
 def fifo(size: int = 4, latency_s: float = 0.05) -> MicroBatcher[str]:
@@ -107,65 +106,15 @@ def test_length_grouping_reduces_padding_on_a_backlog() -> None:
     assert grouped_cells < 0.6 * plain
 
 
-# ---------------------------------------------------------------------------------------------
-# The ledger: flow control and leases
-
-
-def ledger(**kw: float) -> Ledger:
-    values = dict(max_messages=3, max_bytes=1000, extension_s=60, margin_s=5, max_lease_duration_s=3600)
-    values.update(kw)
-    return Ledger(**values)  # type: ignore[arg-type]
-
-
-def test_room_is_bounded_by_messages_and_bytes() -> None:
-    led = ledger()
-    assert led.room() == 3
-    led.hold("a", 10, now=0.0, lease_s=10)
-    assert led.room() == 2
-    led.hold("b", 995, now=0.0, lease_s=10)
-    assert led.room() == 0  # bytes bound reached although one message slot is free
-    assert led.settle("b")
-    assert led.room() == 2
-    assert led.bytes == 10 and led.count == 1
-
-
-def test_a_message_is_settled_exactly_once() -> None:
-    led = ledger()
-    led.hold("a", 1, now=0.0, lease_s=10)
-    assert led.settle("a") is True
-    assert led.settle("a") is False
-    assert led.count == 0 and led.bytes == 0
-
-
-def test_short_lease_is_extended_half_way_then_at_the_margin() -> None:
-    led = ledger()
-    led.hold("a", 1, now=100.0, lease_s=8)  # an 8 s ack deadline: half of it (4 s) is less than the 5 s margin
-    assert led.due_for_extension(now=103.9) == []
-    assert led.due_for_extension(now=104.0) == ["a"]
-    assert led.due_for_extension(now=104.1) == []  # now extended to 164
-    assert led.due_for_extension(now=158.9) == []
-    assert led.due_for_extension(now=159.0) == ["a"]  # the 5 s margin before 164
-
-
-def test_tiny_lease_uses_half_its_length_as_margin() -> None:
-    led = ledger(margin_s=20, extension_s=60)
-    led.hold("a", 1, now=0.0, lease_s=10)
-    assert led.due_for_extension(now=4.9) == []
-    assert led.due_for_extension(now=5.0) == ["a"]
-
-
-def test_leases_stop_being_extended_after_max_lease_duration() -> None:
-    led = ledger(max_lease_duration_s=100)
-    led.hold("a", 1, now=0.0, lease_s=10)
-    assert led.due_for_extension(now=5.0) == ["a"]
-    assert led.due_for_extension(now=99.0) == ["a"]
-    assert led.due_for_extension(now=200.0) == []
-    assert led.holds("a")  # still counted until settled
-
-
-def test_settled_messages_are_not_extended() -> None:
-    led = ledger()
-    led.hold("a", 1, now=0.0, lease_s=10)
-    led.hold("b", 1, now=0.0, lease_s=10)
-    led.settle("a")
-    assert led.due_for_extension(now=6.0) == ["b"]
+@pytest.mark.parametrize("grouping", [False, True])
+def test_remove_where_takes_out_exactly_the_matching_items_and_keeps_order(grouping: bool) -> None:
+    b: MicroBatcher[str] = MicroBatcher(max_batch_size=3, max_latency_s=0.0, length_grouping=grouping, length=len)
+    for i, item in enumerate(["a", "bb", "xc", "ddd", "xe"]):
+        b.add(item, now=float(i))
+    assert b.remove_where(lambda item: item.startswith("x")) == ["xc", "xe"]
+    assert len(b) == 3
+    released = []
+    while (batch := b.pop(now=10.0)) is not None:
+        released.extend(batch)
+    assert sorted(released) == ["a", "bb", "ddd"]
+    assert b.remove_where(lambda item: True) == []

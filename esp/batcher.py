@@ -1,11 +1,11 @@
-"""The micro-batcher: small and strict (STYLE.md point 7).
+"""The micro-batcher shared by the worker and the HTTP API: small and strict (STYLE.md point 7).
 
 A batch is released when it is full, or when its oldest member has waited `max_latency_s`. With
 length grouping on, a batch is the `max_batch_size` waiting items closest in length to the oldest
 one (a window of the length-sorted items that contains it), so the model pads less; without it, a
 batch is simply the oldest items. Either way the oldest item is always in the next batch, so no
 item can be starved. Time is passed in, never read, so tests drive it directly. Not thread-safe:
-the worker calls it under its own lock.
+the scoring engine (esp.engine) calls it under its own lock.
 """
 
 from __future__ import annotations
@@ -92,6 +92,17 @@ class MicroBatcher(Generic[T]):
         seqs = [seq for _, seq in keys[start : start + size]]
         del keys[start : start + size]
         return seqs
+
+    def remove_where(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Takes out every waiting item the predicate holds for (a caller whose deadline passed), oldest first."""
+        gone = [seq for seq, (_, _, item) in self._waiting.items() if predicate(item)]
+        if not gone:
+            return []
+        items = [self._waiting.pop(seq)[2] for seq in gone]
+        if self.length_grouping:
+            dropped = set(gone)
+            self._by_length = [key for key in self._by_length if key[1] not in dropped]
+        return items
 
     def drain(self) -> list[T]:
         """Everything still waiting, oldest first; the batcher is empty afterwards."""
