@@ -109,6 +109,7 @@ class ApiApp:
         keys: KeyStore | None = None,
         feedback: FeedbackPublisher | None = None,
         not_ready: Callable[[], str | None] = lambda: None,
+        alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self.service = service
         self.settings = settings
@@ -117,11 +118,12 @@ class ApiApp:
         self.keys = keys
         self.feedback = feedback
         self._engine_not_ready = not_ready
+        self._alive = alive
         self.shutting_down = False
         self._cors = settings.cors_origins()
         self._languages = settings.languages()
         self._assets: dict[str, tuple[bytes, bytes]] = {}
-        self._openapi = orjson.dumps(build_openapi(settings))
+        self._openapi_json = orjson.dumps(build_openapi(settings))
         self._fallback_attributes = pv.attribute_map(list(pv.PERSPECTIVE_NAMES))
 
     # ------------------------------------------------------------------ ASGI
@@ -151,7 +153,7 @@ class ApiApp:
         self.metrics.answered(endpoint, status, elapsed)
         if self.settings.api_access_log and endpoint not in ("health", "metrics"):
             access_log.info(
-                '%s %s %d %.1fms key=%s comments=%d',
+                '%s %s %d %.1fms client=%s comments=%d',
                 request.method, printable_path(request.raw_path, request.query), status, elapsed * 1000,
                 request.key.name if request.key else "-", request.comments,
             )
@@ -305,7 +307,7 @@ class ApiApp:
 
     async def _analyze(self, request: Request) -> tuple[int, bytes, bytes, list]:
         obj = await self._body_json(request, perspective=True)
-        attributes = pv.attribute_map(self.service.labels())
+        attributes = pv.attribute_map(await self.service.labels())
         pv.check_labels_known(attributes)
         parsed = pv.parse_analyze(
             obj,
@@ -337,7 +339,7 @@ class ApiApp:
 
     async def _suggest(self, request: Request) -> tuple[int, bytes, bytes, list]:
         obj = await self._body_json(request, perspective=True)
-        attributes = pv.attribute_map(self.service.labels()) or self._fallback_attributes
+        attributes = pv.attribute_map(await self.service.labels()) or self._fallback_attributes
         suggestion = pv.parse_suggest(obj, attributes=attributes, max_text_bytes=self.settings.api_max_text_bytes)
         if self.feedback is None:
             raise ApiError(503, Reason.FEEDBACK_UNAVAILABLE, "this API has no feedback topic configured", retry_after_s=60)
@@ -375,9 +377,11 @@ class ApiApp:
         return 200, body, ctype, [(b"cache-control", b"max-age=86400")]
 
     async def _openapi(self, request: Request) -> tuple[int, bytes, bytes, list]:
-        return 200, self._openapi, JSON, []
+        return 200, self._openapi_json, JSON, []
 
     async def _healthz(self, request: Request) -> tuple[int, bytes, bytes, list]:
+        if not self._alive():
+            return 503, b"scoring engine stopped\n", b"text/plain; charset=utf-8", []
         return 200, b"ok\n", b"text/plain; charset=utf-8", []
 
     def not_ready(self) -> str | None:

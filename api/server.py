@@ -23,7 +23,7 @@ from api.redact import install as install_redaction
 from api.service import ScoringService
 from esp.errors import ConfigError
 from esp.logs import configure_logging
-from esp.settings import CommentSettings, LogSettings, ModelClientSettings, PubSubSettings
+from esp.settings import BatchingSettings, CommentSettings, LogSettings, ModelClientSettings, PubSubSettings
 from esp.settings.api import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,14 @@ def build_app(
         keys=keys,
         feedback=feedback,
         not_ready=engine.not_ready,
+        alive=engine.alive,
     )
 
 
 def serve(
     settings: ApiSettings,
     *,
-    batching: Any,
+    batching: BatchingSettings,
     client: ModelClientSettings,
     comments: CommentSettings,
     pubsub: PubSubSettings | None,
@@ -137,3 +138,6 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._app.shutting_down = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has stopped, which would kill the process
+        # before the engine drains; ESP finishes its batches and exits 0 by itself instead.
+        self._captured_signals.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,9 +24,12 @@ from api.errors import ApiError, Reason
 from esp.contracts import Comment, Score
 from esp.engine import QueueFull, Rejected, Scored, Unavailable
 
+log = logging.getLogger(__name__)
+
 # How long past its deadline a request still waits for the engine's own answer (a 503 with the
 # reason) before answering 504 itself: the engine resolves at the deadline, this is only a guard.
 DEADLINE_MARGIN_S = 1.0
+LABELS_TTL_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +60,26 @@ class ScoringService:
         self.unavailable_retry_after_s = unavailable_retry_after_s
         self.queue_retry_after_s = queue_retry_after_s
         self._clock = clock
+        self._labels: tuple[str, ...] = ()
+        self._labels_until = 0.0
 
-    def labels(self) -> tuple[str, ...]:
-        """The labels of the model version being served, or () while the model has not answered."""
+    async def labels(self) -> tuple[str, ...]:
+        """The labels of the model version being served, or () while the model has not answered.
+
+        Asking costs a GetModelMetadata call, so the answer is kept for LABELS_TTL_S: a new model
+        version with other labels is seen within that long.
+        """
+        now = self._clock()
+        if self._labels and now < self._labels_until:
+            return self._labels
+        loop = asyncio.get_running_loop()
         try:
-            return tuple(self.engine.labels())
-        except Exception:  # noqa: BLE001 - any failure means "not known yet"; /readyz says why
-            return ()
+            labels = tuple(await loop.run_in_executor(None, self.engine.labels))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not known now"; /readyz says why
+            log.info("model labels unknown: %s", exc)
+            return self._labels
+        self._labels, self._labels_until = labels, now + LABELS_TTL_S
+        return labels
 
     async def score(self, comments: Sequence[Comment]) -> list[Outcome]:
         deadline = self._clock() + self.deadline_s

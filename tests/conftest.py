@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.model_server",
     "tests.fixtures.worker",
     "tests.fixtures.trained_model",
+    "tests.fixtures.api",
 ]
