@@ -84,6 +84,7 @@ ROUTES: dict[str, Route] = {
     "/": Route("page", "GET", "_page"),
     "/static/app.js": Route("page", "GET", "_static"),
     "/static/style.css": Route("page", "GET", "_static"),
+    "/favicon.ico": Route("page", "GET", "_favicon"),
     "/docs": Route("docs", "GET", "_docs"),
     "/docs/swagger-ui-bundle.js": Route("docs", "GET", "_swagger_asset"),
     "/docs/swagger-ui.css": Route("docs", "GET", "_swagger_asset"),
@@ -364,6 +365,9 @@ class ApiApp:
         file = STATIC / ("docs-init.js" if request.path == "/docs/init.js" else name)
         body, ctype = self._asset(request.path, file)
         return 200, body, ctype, [(b"cache-control", b"max-age=300")]
+
+    async def _favicon(self, request: Request) -> tuple[int, bytes, bytes, list]:
+        return 204, b"", b"image/x-icon", [(b"cache-control", b"max-age=86400")]
 
     async def _docs(self, request: Request) -> tuple[int, bytes, bytes, list]:
         body, ctype = self._asset("docs.html", STATIC / "docs.html")
