@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from bench_serving import load_texts, run_load  # noqa: E402
-from bench_worker import DEFAULT_MODEL, PinnedModelServer, cpu_seconds  # noqa: E402
+from bench_worker import PinnedModelServer, choose_model, cpu_seconds  # noqa: E402
 
 from api.local import ApiProcess  # noqa: E402
 from esp.settings import BatchingSettings, ModelClientSettings  # noqa: E402
@@ -175,15 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = tempfile.TemporaryDirectory(prefix="esp-bench-api-")
     log_dir = Path(scratch.name)
-    if args.test_model or (args.model is None and not (DEFAULT_MODEL / "1").exists()):
-        from tests.fixtures.models import export_test_model
-
-        base = log_dir / "bert"
-        export_test_model(base, 1)
-        model_desc = "test model (tests/fixtures/models.py)"
-    else:
-        base = (args.model or DEFAULT_MODEL).resolve()
-        model_desc = str(base.relative_to(REPO_ROOT)) if base.is_relative_to(REPO_ROOT) else str(base)
+    base, model_desc = choose_model(args.model, test_model=args.test_model, scratch=log_dir)
     texts = load_texts(4096)
     bodies = log_dir / "bodies.jsonl"
     bodies.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
