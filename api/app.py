@@ -32,7 +32,7 @@ from api.errors import ApiError, Reason
 from api.feedback import FeedbackPublisher
 from api.keys import KeyEntry, KeyStore
 from api.metrics import ApiMetrics
-from api.native import parse_score_request
+from api.native import generated_prefix, parse_score_request
 from api.openapi import build_openapi
 from api.redact import printable_path
 from api.service import Refused, ScoringService, refused_error
@@ -319,7 +319,7 @@ class ApiApp:
         )
         if not parsed.attributes:  # all dropped (dropUnsupportedAttributes): nothing to score
             return 200, orjson.dumps(pv.render_analyze(parsed, None, [])), JSON, []
-        prefix = f"analyze-{uuid.uuid4().hex[:16]}"
+        prefix = generated_prefix()
         try:
             comments = [comment_from_fields(f"{prefix}-{i}", t, max_body_bytes=self.comment_settings.max_body_bytes)
                         for i, t in enumerate([parsed.text, *parsed.span_texts()])]

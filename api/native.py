@@ -8,7 +8,7 @@ The request is one comment in the stream's comment contract, or many under `comm
 The answer is the stream's score record (`esp.contracts.Score.to_dict`, same fields, same
 `schema_version`) for one comment, or `{"scores": [...], "errors": [...]}` for many, in request
 order; a comment the model refused alone is listed under `errors` with its index, and its
-neighbours are scored. A comment without an id gets one (`req-<random>-<index>`), so every
+neighbours are scored. A comment without an id gets one (`req-<process>-<request>-<index>`), so every
 record can still be deduplicated on (`id`, `model`).
 
 Every comment is validated by the contract code (`esp.contracts.comment_from_fields`), so the HTTP
@@ -18,6 +18,7 @@ path and the stream refuse exactly the same comments, with the same error types.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -56,9 +57,9 @@ def parse_score_request(obj: Any, settings: ApiSettings, comment_settings: Comme
                 f"{len(items)} comments in one request, the limit is {settings.api_max_comments}",
                 metadata={"limit": settings.api_max_comments},
             )
-        prefix = _generated_prefix()
+        prefix = generated_prefix()
         return ScoreRequest([_comment(item, i, prefix, settings, comment_settings) for i, item in enumerate(items)], many=True)
-    return ScoreRequest([_comment(obj, None, _generated_prefix(), settings, comment_settings)], many=False)
+    return ScoreRequest([_comment(obj, None, generated_prefix(), settings, comment_settings)], many=False)
 
 
 def _comment(item: Any, index: int | None, prefix: str, settings: ApiSettings, comment_settings: CommentSettings) -> Comment:
@@ -101,8 +102,14 @@ def utf8_size(text: str) -> int | None:
         return None
 
 
-def _generated_prefix() -> str:
-    return f"req-{uuid.uuid4().hex[:16]}"
+# Generated ids: a random per-process prefix and a counter. Unique across pods and restarts like a
+# UUID per request, at a fraction of its cost (a uuid4 per request was 5% of the API's CPU).
+_PROCESS_PREFIX = f"req-{uuid.uuid4().hex[:12]}"
+_REQUESTS = itertools.count(1)
+
+
+def generated_prefix() -> str:
+    return f"{_PROCESS_PREFIX}-{next(_REQUESTS)}"
 
 
 def _json_type(value: Any) -> str:
