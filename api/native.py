@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from api.errors import ApiError, Reason
-from esp.contracts import ErrorType, InvalidComment, comment_from_fields
-from esp.contracts import Comment
+from esp.contracts import Comment, ErrorType, InvalidComment, comment_from_fields
 from esp.settings.api import ApiSettings
 from esp.settings.contracts import CommentSettings
 
@@ -71,21 +70,15 @@ def _comment(item: Any, index: int | None, prefix: str, settings: ApiSettings, c
     if extra:
         raise ApiError(400, Reason.INVALID_REQUEST, f"{where}unknown field(s) {', '.join(map(repr, extra))}: a comment has 'id' and 'text'", metadata=meta)
     text = item.get("text")
-    if isinstance(text, str):
-        size = utf8_size(text)
-        if size is None:
-            raise ApiError(400, ErrorType.INVALID_UTF8, f"{where}'text' holds an unpaired UTF-16 surrogate (not valid Unicode)", metadata=meta)
-        if size > settings.api_max_text_bytes:
-            raise ApiError(
-                413, Reason.TEXT_TOO_LONG,
-                f"{where}'text' is {size} bytes of UTF-8, the limit is {settings.api_max_text_bytes}",
-                metadata={**meta, "limit": settings.api_max_text_bytes},
-            )
-    cid = item.get("id")
-    if isinstance(cid, str) and utf8_size(cid) is None:
-        raise ApiError(400, ErrorType.INVALID_ID, f"{where}'id' holds an unpaired UTF-16 surrogate (not valid Unicode)", metadata=meta)
-    if "id" not in item:
-        cid = f"{prefix}-{index or 0}"
+    # Checked before the contract's own checks: its size limit is the Pub/Sub body's, larger.
+    size = utf8_size(text) if isinstance(text, str) else None
+    if size is not None and size > settings.api_max_text_bytes:
+        raise ApiError(
+            413, Reason.TEXT_TOO_LONG,
+            f"{where}'text' is {size} bytes of UTF-8, the limit is {settings.api_max_text_bytes}",
+            metadata={**meta, "limit": settings.api_max_text_bytes},
+        )
+    cid = item["id"] if "id" in item else f"{prefix}-{index or 0}"
     try:
         return comment_from_fields(cid, text, max_body_bytes=comment_settings.max_body_bytes)
     except InvalidComment as exc:
