@@ -49,8 +49,8 @@ def bind(host: str, port: int) -> socket.socket:
 def build_app(
     engine: Any,
     *,
+    service: ScoringService,
     settings: ApiSettings,
-    retry_after_s: float,
     comments: CommentSettings,
     pubsub: PubSubSettings | None,
     metrics: ApiMetrics,
@@ -61,7 +61,7 @@ def build_app(
         log.info("API keys required: %d keys loaded from %s", keys.count, settings.api_keys_file)
     else:
         log.warning("no API keys file (ESP_API_KEYS_FILE): anyone who reaches this port may score comments")
-    service = ScoringService(engine, deadline_s=settings.api_request_deadline_s, unavailable_retry_after_s=retry_after_s)
+    service.attach(engine)
     feedback = FeedbackPublisher(pubsub, timeout_s=max(settings.api_request_deadline_s, 5.0)) if pubsub is not None else None
     return ApiApp(
         service=service,
@@ -97,12 +97,18 @@ def serve(
     scorer = make_scorer(
         "tfserving", client, retry_budget_s=min(client.model_retry_budget_s, settings.api_request_deadline_s, batching.retry_max_backoff_s)
     )
+    service = ScoringService(deadline_s=settings.api_request_deadline_s, unavailable_retry_after_s=batching.retry_max_backoff_s)
     engine = ScoringEngine(
-        scorer, settings=batching, max_queued=settings.api_max_queued, registry=metrics.registry, probe=scorer.check_ready  # type: ignore[attr-defined]
+        scorer,
+        settings=batching,
+        max_queued=settings.api_max_queued,
+        registry=metrics.registry,
+        probe=scorer.check_ready,  # type: ignore[attr-defined]
+        on_batch=service.deliver,
     )
     app = None
     try:
-        app = build_app(engine, settings=settings, retry_after_s=batching.retry_max_backoff_s, comments=comments, pubsub=pubsub, metrics=metrics)
+        app = build_app(engine, service=service, settings=settings, comments=comments, pubsub=pubsub, metrics=metrics)
         engine.start()
         config = uvicorn.Config(
             app,

@@ -44,24 +44,43 @@ Outcome = Score | Refused
 
 
 class ScoringService:
-    """Submits comments to the engine and awaits them; see the module docstring for the answers."""
+    """Submits comments to the engine and awaits them; see the module docstring for the answers.
+
+    Outcomes come back through the engine's `on_batch` hook (`deliver`, pass it when building the
+    engine, then `attach` the engine): one hand-over to the event loop per batch, rather than one
+    per comment through each job's concurrent future, which is measurable at 0.4 ms per request.
+    """
 
     def __init__(
         self,
-        engine: Any,
         *,
         deadline_s: float,
         unavailable_retry_after_s: float,
         queue_retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = engine
+        self.engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.deadline_s = deadline_s
         self.unavailable_retry_after_s = unavailable_retry_after_s
         self.queue_retry_after_s = queue_retry_after_s
         self._clock = clock
         self._labels: tuple[str, ...] = ()
         self._labels_until = 0.0
+
+    def attach(self, engine: Any) -> ScoringService:
+        self.engine = engine
+        return self
+
+    def deliver(self, results: Sequence[tuple[Any, Any]]) -> None:
+        """The engine's on_batch hook (a scoring thread): hands a batch's outcomes to the event loop at once."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(_resolve, results)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody waits any more
+            pass
 
     async def labels(self) -> tuple[str, ...]:
         """The labels of the model version being served, or () while the model has not answered.
@@ -83,10 +102,13 @@ class ScoringService:
 
     async def score(self, comments: Sequence[Comment]) -> list[Outcome]:
         deadline = self._clock() + self.deadline_s
-        futures = []
+        loop = self._loop = asyncio.get_running_loop()
+        waits = []
         try:
             for comment in comments:
-                futures.append(self.engine.submit(comment, deadline=deadline))
+                waiter = loop.create_future()
+                self.engine.submit(comment, deadline=deadline, context=waiter)
+                waits.append(waiter)
         except QueueFull:
             raise ApiError(
                 429,
@@ -96,7 +118,6 @@ class ScoringService:
             ) from None
         except RuntimeError as exc:  # the engine is stopping (SIGTERM)
             raise ApiError(503, Reason.SHUTTING_DOWN, f"the API is shutting down: {exc}", retry_after_s=1) from None
-        waits = [asyncio.wrap_future(f) for f in futures]
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock()) + DEADLINE_MARGIN_S):
                 # One comment (the common request) needs no gather: one task less per request.
@@ -123,6 +144,13 @@ class ScoringService:
                 retry_after_s=self.unavailable_retry_after_s,
             )
         raise ApiError(500, Reason.INTERNAL, f"the scoring engine answered {type(result).__name__}, which this API does not know")
+
+
+def _resolve(results: Sequence[tuple[Any, Any]]) -> None:
+    for job, outcome in results:
+        waiter = job.context
+        if waiter is not None and not waiter.done():  # done: its request gave up (deadline, disconnect)
+            waiter.set_result(outcome)
 
 
 def refused_error(refused: Refused, *, index: int | None = None, perspective: bool = False) -> ApiError:
