@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # reason) before answering 504 itself: the engine resolves at the deadline, this is only a guard.
 DEADLINE_MARGIN_S = 1.0
 LABELS_TTL_S = 5.0
+SHUTTING_DOWN = "shutting down"  # the engine's Unavailable reason once stop() began
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +117,6 @@ class ScoringService:
                 "the scoring queue is full: the model server is not keeping up; retry after the time in Retry-After",
                 retry_after_s=self.queue_retry_after_s,
             ) from None
-        except RuntimeError as exc:  # the engine is stopping (SIGTERM)
-            raise ApiError(503, Reason.SHUTTING_DOWN, f"the API is shutting down: {exc}", retry_after_s=1) from None
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock()) + DEADLINE_MARGIN_S):
                 # One comment (the common request) needs no gather: one task less per request.
@@ -137,6 +136,8 @@ class ScoringService:
         if isinstance(result, Rejected):
             return Refused(result.error_type, result.reason)
         if isinstance(result, Unavailable):
+            if result.reason == SHUTTING_DOWN:
+                raise ApiError(503, Reason.SHUTTING_DOWN, "the API is shutting down; another replica will answer", retry_after_s=1)
             raise ApiError(
                 503,
                 Reason.MODEL_UNAVAILABLE,
