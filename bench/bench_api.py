@@ -150,7 +150,8 @@ def chart(results: dict, path: Path) -> None:
     ax2.set_ylabel("ms")
     ax2.set_title(f"Latency at {half['requests_per_s']:.0f} req/s (half load)")
     ax2.legend(loc="upper left")
-    fig.suptitle(f"ESP HTTP API ({results['model']}), 2-core machine")
+    load = results.get("load_average_at_start", [float("nan")])[0]
+    fig.suptitle(f"ESP HTTP API ({results['model']}), shared 2-core machine, load average {load:.0f} at the start")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
