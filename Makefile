@@ -7,6 +7,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
 DATA_DIR ?= artifacts/data
+# checkov (infrastructure-as-code scan, tests/test_k8s.py) pins versions that clash with
+# constraints.txt, so it gets its own virtual environment.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 .PHONY: install system-packages demo test docs clean help data model bench
 
@@ -17,7 +22,7 @@ help:
 	@echo "make bench    the serving, worker and HTTP API benchmarks on the default model (docs/serving.md, docs/worker.md, docs/api.md)"
 	@echo "make docs     regenerate the README's configuration table"
 
-install: system-packages $(STAMP)
+install: system-packages $(STAMP) $(CHECKOV_STAMP)
 
 # Debian packages some tests need (one per line in system-packages.txt); installed when missing, so a
 # fresh CI machine gets them. Without root, say which and stop.
@@ -37,6 +42,13 @@ $(STAMP):
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[all]'
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	rm -f $(CHECKOV_VENV)/.installed-*
 	touch $@
 
 demo: install
@@ -68,4 +80,4 @@ docs: install
 	$(BIN)/esp config --update-readme README.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache

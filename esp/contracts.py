@@ -277,9 +277,11 @@ POLICY_REASON = "forwarded by policy, no reason recorded"
 
 def clip_utf8(value: str, limit: int = MAX_ATTRIBUTE_VALUE_BYTES) -> str:
     """Cuts a string to at most `limit` UTF-8 bytes without splitting a character."""
-    raw = value.encode("utf-8")
+    # "replace": a lone surrogate (from an exception that quoted the input, say) becomes "?", since
+    # an attribute must be UTF-8.
+    raw = value.encode("utf-8", errors="replace")
     if len(raw) <= limit:
-        return value
+        return raw.decode("utf-8")
     cut = raw[: limit - 3].decode("utf-8", errors="ignore")
     return cut + "..."
 

@@ -157,7 +157,8 @@ class ScoringEngine:
         self._grace_over = threading.Event()
         self.fatal: str | None = None
 
-        self.metrics = EngineMetrics(registry or CollectorRegistry(), self.is_down, lambda: len(self._batcher))
+        self.registry = registry or CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry, self.is_down, lambda: len(self._batcher))
 
     # ------------------------------------------------------------------ the interface
 

@@ -7,6 +7,9 @@ Serving path, so the proto package name (`esp_tfs`) never reaches the wire.
 
 Behaviour, all configurable through `esp.settings.ModelClientSettings`:
 - one gRPC channel per (target, TLS, options) per process, shared by every scorer and reused;
+- round-robin over every address the target resolves to (`dns:///tf-serving.NS.svc.cluster.local:8500`
+  behind a headless Service, or `ipv4:HOST:PORT,HOST:PORT`), so each TF Serving replica takes a
+  share; the server's max connection age makes the channel resolve again and find new replicas;
 - a deadline on every call; retries only for RETRYABLE_CODES, capped exponential backoff with
   full jitter, inside an overall budget; after it, ModelUnavailable;
 - NOT_FOUND -> ModelNotFound, INVALID_ARGUMENT -> ModelRejected (except the two INVALID_ARGUMENTs
@@ -160,8 +163,20 @@ class _SharedChannels:
 _CHANNELS = _SharedChannels()
 
 
-def channel_options(max_message_bytes: int, keepalive_s: float) -> tuple[tuple[str, Any], ...]:
-    return (
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+
+
+def channel_options(
+    max_message_bytes: int,
+    keepalive_s: float,
+    load_balancing: str = "round_robin",
+    tls_server_name: str | None = None,
+) -> tuple[tuple[str, Any], ...]:
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(f"load_balancing must be one of {LOAD_BALANCING_POLICIES}, not {load_balancing!r}")
+    server_name = (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
+    return server_name + (
+        ("grpc.lb_policy_name", load_balancing),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
@@ -202,6 +217,8 @@ class TFServingScorer:
         root_certificates: bytes | None = None,
         call_metadata: Sequence[tuple[str, str]] = (),
         keepalive_s: float = 60.0,
+        load_balancing: str = "round_robin",
+        tls_server_name: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -224,7 +241,7 @@ class TFServingScorer:
         self._labels_lock = threading.Lock()
         self._closed = False
         self._channel_key, channel = _CHANNELS.acquire(
-            target, root_certificates, channel_options(max_message_bytes, keepalive_s)
+            target, root_certificates, channel_options(max_message_bytes, keepalive_s, load_balancing, tls_server_name)
         )
         self._predict = channel.unary_unary(
             PREDICT_METHOD,
@@ -265,6 +282,8 @@ class TFServingScorer:
             root_certificates=root,
             call_metadata=settings.call_metadata(),
             keepalive_s=settings.model_keepalive_s,
+            load_balancing=settings.model_load_balancing,
+            tls_server_name=settings.model_tls_server_name,
         )
         kwargs.update(overrides)
         return cls(settings.model_server, **kwargs)
@@ -468,10 +487,18 @@ class TFServingScorer:
         self.close()
 
 
-def health_check(target: str, *, service: str = "", timeout_s: float = 1.0, root_certificates: bytes | None = None) -> bool:
+def health_check(
+    target: str,
+    *,
+    service: str = "",
+    timeout_s: float = 1.0,
+    root_certificates: bytes | None = None,
+    tls_server_name: str | None = None,
+) -> bool:
     """gRPC health protocol: True when the server at `target` reports SERVING (one short call)."""
     if root_certificates is not None:
-        channel_cm = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_certificates))
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else None
+        channel_cm = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_certificates), options=options)
     else:
         channel_cm = grpc.insecure_channel(target)
     with channel_cm as channel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class ModelServerProcess(ManagedProcess):
         poll_wait_s: float = 0.2,
         start_timeout_s: float = 120.0,
         tls_root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        rest_api_port: int | None = None,
     ) -> None:
         if (base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of base_path and model_config_file")
@@ -44,14 +47,22 @@ class ModelServerProcess(ManagedProcess):
         self.extra_args = list(extra_args)
         self.python = python
         self.poll_wait_s = poll_wait_s
+        self.rest_api_port = rest_api_port
         full_env = dict(os.environ if env is None else env)
         # TensorFlow's C++ start-up notes are noise in a log read for errors.
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
         super().__init__(
             "esp-serve",
             [],
-            # A server started with --tls-cert-file answers only over TLS: give its CA here.
-            ready=lambda: health_check(self.target, timeout_s=1.0, root_certificates=tls_root_certificates),
+            # A server started with --tls-cert-file answers only over TLS: give its CA here. With a
+            # REST port, readiness is TF Serving's model status there (as Kubernetes probes it).
+            ready=(
+                self._rest_ready
+                if rest_api_port
+                else lambda: health_check(
+                    self.target, timeout_s=1.0, root_certificates=tls_root_certificates, tls_server_name=tls_server_name
+                )
+            ),
             env=full_env,
             log_path=Path(log_path) if log_path is not None else None,
             start_timeout_s=start_timeout_s,
@@ -61,6 +72,13 @@ class ModelServerProcess(ManagedProcess):
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _rest_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_api_port}/v1/models/{self.model_name}", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "esp.cli.serve_cmd", "--port", str(self.port), "--bind-host", "127.0.0.1"]
         if self.base_path is not None:
@@ -68,6 +86,8 @@ class ModelServerProcess(ManagedProcess):
         else:
             cmd += ["--model-config-file", str(self.model_config_file)]
         cmd += ["--file-system-poll-wait-s", str(self.poll_wait_s), "--model-config-file-poll-wait-s", str(self.poll_wait_s)]
+        if self.rest_api_port:
+            cmd += ["--rest-api-port", str(self.rest_api_port)]
         return cmd + self.extra_args
 
     def start(self, timeout_s: float | None = None) -> ModelServerProcess:

@@ -39,8 +39,12 @@ class ModelSource:
         return set(sorted(on_disk)[-self.num_latest :]) if on_disk else set()
 
 
-def read_model_config(path: str | Path) -> list[ModelSource]:
-    """Parses a TF Serving models.config (ModelServerConfig, text format)."""
+def read_model_config(path: str | Path, *, gcs_local_dir: str | None = None) -> list[ModelSource]:
+    """Parses a TF Serving models.config (ModelServerConfig, text format).
+
+    A gs://BUCKET/PATH base path is read from `gcs_local_dir`/BUCKET/PATH (a local stand-in for
+    Cloud Storage); without it, a gs:// base path is a ConfigError, since only TF Serving reads gs://.
+    """
     from tensorflow_serving.config import model_server_config_pb2
 
     p = Path(path)
@@ -48,6 +52,8 @@ def read_model_config(path: str | Path) -> list[ModelSource]:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read model config {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a text file ({exc.reason} at byte {exc.start})") from None
     config = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, config)
@@ -65,6 +71,13 @@ def read_model_config(path: str | Path) -> list[ModelSource]:
         seen.add(mc.name)
         if mc.model_platform not in ("", "tensorflow"):
             raise ConfigError(f"{p}: model {mc.name!r}: only model_platform 'tensorflow' is served")
+        if mc.base_path.startswith("gs://"):
+            if gcs_local_dir is None:
+                raise ConfigError(
+                    f"{p}: model {mc.name!r}: base_path {mc.base_path} is on Cloud Storage; "
+                    "give --gcs-local-dir to read it from a local copy"
+                )
+            mc.base_path = str(Path(gcs_local_dir) / mc.base_path[len("gs://") :])
         base = Path(mc.base_path)
         if not base.is_absolute():
             base = (p.parent / base).resolve()  # relative to the config file, for local use

@@ -12,7 +12,15 @@ the same code against both:
   keeps the version it started with, so a swap fails nothing;
 - TF Serving's status codes: INVALID_ARGUMENT for a request that does not fit the signature or
   that the graph rejects, NOT_FOUND for an unknown model or version;
+- TF Serving's REST model status and metadata, and its Prometheus page (serving.rest), so the
+  production Deployment's probes and scrape settings can be exercised against it;
+- TF Serving's --grpc_channel_arguments (e.g. grpc.max_connection_age_ms, which makes clients
+  reconnect and re-resolve, so replicas added by an autoscaler get traffic) and --ssl_config_file;
 - optional server-side batching (serving.batching); Prometheus metrics; clean SIGTERM.
+
+Supervised: the gRPC server, the model poller and the HTTP endpoints must stay up while the server
+runs. If one dies, the gRPC health check answers NOT_SERVING, REST status answers 503, and
+`serve_forever` returns the reason, so `esp serve` exits non-zero and Kubernetes restarts it.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from tensorflow_serving.apis import (
 )
 
 from esp.errors import ConfigError
-from serving import esp_tfs_pb2
+from serving import esp_tfs_pb2, rest
 from serving.batching import BatchingError, BatchingOptions, BatchScheduler
 from serving.model_config import ModelSource, read_model_config
 from serving.saved_model import DEFAULT_SIGNATURE, LoadedModel, SignatureError, list_versions
@@ -106,24 +114,65 @@ def from_tensor_proto(key: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
 
 
 class Metrics:
-    """Prometheus metrics of the server, with units in their names."""
+    """Prometheus metrics of the server, with units in their names, in the server's own registry.
+
+    Also TF Serving's `:tensorflow:serving:request_count{model_name, status}` under its own name, so
+    alerts written for TF Serving's model error rate read the same series from `esp serve`.
+    """
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.requests = Counter("esp_serve_requests_total", "gRPC requests answered", ["method", "code"])
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("esp_serve_requests_total", "gRPC requests answered", ["method", "code"], registry=registry)
         self.latency = Histogram(
             "esp_serve_request_latency_seconds",
             "Time to answer one gRPC request",
             ["method"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
         )
-        self.rows = Counter("esp_serve_predict_rows_total", "Rows (texts) predicted", ["model"])
+        self.rows = Counter("esp_serve_predict_rows_total", "Rows (texts) predicted", ["model"], registry=registry)
         self.batch_rows = Histogram(
-            "esp_serve_batch_rows", "Rows per executed server-side batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+            "esp_serve_batch_rows", "Rows per executed server-side batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
         )
-        self.loads = Counter("esp_serve_model_loads_total", "Model version loads", ["model", "outcome"])
-        self.versions = Gauge("esp_serve_model_versions_available", "Model versions taking traffic", ["model"])
+        self.loads = Counter("esp_serve_model_loads_total", "Model version loads", ["model", "outcome"], registry=registry)
+        self.versions = Gauge("esp_serve_model_versions_available", "Model versions taking traffic", ["model"], registry=registry)
+        self.tf_serving_requests = TFServingRequestCount()
+        registry.register(self.tf_serving_requests)
+
+    def page(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class TFServingRequestCount:
+    """TF Serving's request counter, exposed under TF Serving's exact name and labels.
+
+    prometheus_client appends `_total` to a counter's name in its HELP and TYPE lines while TF
+    Serving's exporter does not, so this is exposed untyped: the sample lines are TF Serving's own.
+    """
+
+    NAME = ":tensorflow:serving:request_count"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def inc(self, model_name: str, status: str) -> None:
+        with self._lock:
+            self._counts[(model_name, status)] = self._counts.get((model_name, status), 0) + 1
+
+    def collect(self) -> Any:
+        from prometheus_client.metrics_core import Metric
+
+        metric = Metric(self.NAME, "The total number of requests.", "unknown")
+        with self._lock:
+            for (model_name, status), value in sorted(self._counts.items()):
+                metric.add_sample(self.NAME, {"model_name": model_name, "status": status}, value)
+        yield metric
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,15 +333,18 @@ class ModelManager:
         poll_wait_s: float = 1.0,
         config_poll_wait_s: float = 1.0,
         metrics: Metrics | None = None,
+        read_config: Callable[[str], list[ModelSource]] = read_model_config,
     ) -> None:
         self._metrics = metrics
         self.models = {s.name: ServedModel(s, metrics) for s in sources}
         self._config_file = config_file
+        self._read_config = read_config
         self._config_mtime = _file_identity(config_file) if config_file else None
         self._poll_wait_s = poll_wait_s
         self._config_poll_wait_s = config_poll_wait_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.crash: str | None = None
         self.on_change: Callable[[], None] | None = None
 
     def reconcile_all(self) -> None:
@@ -305,8 +357,21 @@ class ModelManager:
     def start_polling(self) -> None:
         if self._poll_wait_s <= 0 and not (self._config_file and self._config_poll_wait_s > 0):
             return
-        self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+        self._thread = threading.Thread(target=self._poll_supervised, name="model-poller", daemon=True)
         self._thread.start()
+
+    def poller_failure(self) -> str | None:
+        """Why the poller is no longer running although it should be, or None."""
+        if self._thread is None or self._stop.is_set() or self._thread.is_alive():
+            return None
+        return self.crash or "the model poller stopped"
+
+    def _poll_supervised(self) -> None:
+        try:
+            self._poll()
+        except BaseException as exc:  # recorded for the supervisor, which fails health and exits
+            self.crash = f"the model poller died: {type(exc).__name__}: {exc}"
+            log.exception("model poller died")
 
     def _poll(self) -> None:
         waits = [w for w in (self._poll_wait_s, self._config_poll_wait_s if self._config_file else 0) if w > 0]
@@ -335,7 +400,7 @@ class ModelManager:
         if mtime == self._config_mtime:
             return
         try:
-            sources = read_model_config(self._config_file)
+            sources = self._read_config(self._config_file)
         except ConfigError as exc:
             # Keep serving the last good config, as TF Serving does on a bad reload.
             log.error("model config %s not applied: %s", self._config_file, exc)
@@ -382,7 +447,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
         self.batcher = batcher
         self.metrics = metrics
 
-    def _answer(self, method: str, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+    def _answer(self, method: str, context: grpc.ServicerContext, fn: Callable[[], Any], model: str = "") -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -404,11 +469,12 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             if self.metrics:
                 self.metrics.requests.labels(method, code.name).inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+                self.metrics.tf_serving_requests.inc(model, code.name)
 
     # -- Predict ----------------------------------------------------------------------------
 
     def Predict(self, request, context):  # noqa: N802 (gRPC's method name)
-        return self._answer("Predict", context, lambda: self._predict(request))
+        return self._answer("Predict", context, lambda: self._predict(request), request.model_spec.name)
 
     def _predict(self, request):
         served = self.manager.get(request.model_spec.name)
@@ -452,7 +518,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
     # -- metadata and status ----------------------------------------------------------------
 
     def GetModelMetadata(self, request, context):  # noqa: N802
-        return self._answer("GetModelMetadata", context, lambda: self._metadata(request))
+        return self._answer("GetModelMetadata", context, lambda: self._metadata(request), request.model_spec.name)
 
     def _metadata(self, request):
         fields = list(request.metadata_field)
@@ -475,7 +541,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
         return response
 
     def GetModelStatus(self, request, context):  # noqa: N802
-        return self._answer("GetModelStatus", context, lambda: self._status(request))
+        return self._answer("GetModelStatus", context, lambda: self._status(request), request.model_spec.name)
 
     def _status(self, request):
         served = self.manager.get(request.model_spec.name)
@@ -563,7 +629,19 @@ class ServerConfig:
     # PEM bytes; both set means TLS. TF Serving itself has the same pair (--ssl_config_file).
     tls_cert_chain: bytes | None = None
     tls_private_key: bytes | None = None
+    # With TLS: the CA that client certificates must chain to, and whether one is required.
+    tls_client_ca: bytes | None = None
+    tls_require_client_auth: bool = False
     required_metadata: tuple[tuple[str, str], ...] = ()
+    # TF Serving's REST port (status, metadata) and, on it, the Prometheus path of its monitoring config.
+    rest_port: int = 0
+    monitoring_path: str | None = None
+    # Extra gRPC server arguments (TF Serving's --grpc_channel_arguments); they override ESP's.
+    channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    # Local directory standing in for gs:// (see serving.model_config.read_model_config).
+    gcs_local_dir: str | None = None
+    # How often serve_forever checks that the supervised threads still run, seconds.
+    supervise_interval_s: float = 0.5
 
 
 class ModelServer:
@@ -578,12 +656,18 @@ class ModelServer:
             poll_wait_s=config.poll_wait_s,
             config_poll_wait_s=config.config_poll_wait_s,
             metrics=self.metrics,
+            read_config=lambda path: read_model_config(path, gcs_local_dir=config.gcs_local_dir),
         )
         self.batcher: BatchScheduler | None = None
         self._stopping = False
         self._server: grpc.Server | None = None
+        self._endpoints: list[rest.HttpEndpoint] = []
+        self._failure: str | None = None
+        self._running = False
+        self.servicer: Servicer | None = None
         self.port = 0
         self.metrics_port = 0
+        self.rest_port = 0
 
     @staticmethod
     def _run_batch(key: Any, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
@@ -592,53 +676,104 @@ class ModelServer:
         return model.run(signature, inputs)
 
     def start(self) -> None:
+        """Binds every port, loads the models, then starts serving.
+
+        Ports are bound first, so one in use fails start-up at once rather than after the models
+        have loaded; nothing answers before the models are loaded (TF Serving opens its ports
+        after its initial load too).
+        """
         cfg = self.config
-        self.manager.reconcile_all()
-        self.manager.start_polling()
         if cfg.batching is not None:
             self.batcher = BatchScheduler(self._run_batch, cfg.batching, on_batch=self.metrics.batch_rows.observe)
         interceptors = [RequireMetadata(cfg.required_metadata)] if cfg.required_metadata else []
+        options: dict[str, int | str] = {
+            "grpc.max_send_message_length": cfg.max_message_bytes,
+            "grpc.max_receive_message_length": cfg.max_message_bytes,
+            # Without this a second server could bind the same port and take half the traffic.
+            "grpc.so_reuseport": 0,
+            # Accept clients' keepalive pings while calls are open.
+            "grpc.http2.min_recv_ping_interval_without_data_ms": 10_000,
+        }
+        options.update(dict(cfg.channel_arguments))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="grpc"),
             interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                # Without this a second server could bind the same port and take half the traffic.
-                ("grpc.so_reuseport", 0),
-                # Accept clients' keepalive pings while calls are open.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ],
+            options=list(options.items()),
         )
-        servicer = Servicer(self.manager, batcher=self.batcher, metrics=self.metrics)
+        servicer = self.servicer = Servicer(self.manager, batcher=self.batcher, metrics=self.metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, self._server)
         self._server.add_generic_rpc_handlers((health_handler(self.is_serving),))
         try:
             address = f"{cfg.host}:{cfg.port}"
             if cfg.tls_cert_chain is not None and cfg.tls_private_key is not None:
-                credentials = grpc.ssl_server_credentials([(cfg.tls_private_key, cfg.tls_cert_chain)])
+                credentials = grpc.ssl_server_credentials(
+                    [(cfg.tls_private_key, cfg.tls_cert_chain)],
+                    root_certificates=cfg.tls_client_ca,
+                    require_client_auth=cfg.tls_require_client_auth,
+                )
                 self.port = self._server.add_secure_port(address, credentials)
             else:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC: {exc}") from None
         if not self.port:
-            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")
-        self._server.start()
+            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC (in use?)")
+        if cfg.rest_port:
+            routes = [rest.model_route(self._rest_status, self._rest_metadata, self.failure, RequestError)]
+            if cfg.monitoring_path:
+                routes.insert(0, rest.metrics_route(cfg.monitoring_path, self.metrics.page))
+            endpoint = rest.HttpEndpoint("REST API", cfg.host, cfg.rest_port, routes)
+            self._endpoints.append(endpoint)
+            self.rest_port = endpoint.port
         if cfg.metrics_port:
-            from prometheus_client import start_http_server
+            endpoint = rest.HttpEndpoint("metrics", cfg.host, cfg.metrics_port, [rest.metrics_route("/metrics", self.metrics.page)])
+            self._endpoints.append(endpoint)
+            self.metrics_port = endpoint.port
+        self.manager.reconcile_all()
+        self.manager.start_polling()
+        self._server.start()
+        for endpoint in self._endpoints:
+            endpoint.start()
+        self._running = True
+        log.info(
+            "gRPC on %s:%d, REST on %s, metrics on %s",
+            cfg.host, self.port, self.rest_port or "off", cfg.monitoring_path if cfg.rest_port and cfg.monitoring_path else self.metrics_port or "off",
+        )
 
-            start_http_server(cfg.metrics_port, addr=cfg.host)
-            self.metrics_port = cfg.metrics_port
-        log.info("gRPC on %s:%d, metrics on %s", cfg.host, self.port, cfg.metrics_port or "off")
+    def _rest_status(self, request: Any) -> Any:
+        assert self.servicer is not None
+        return self.servicer._status(request)
+
+    def _rest_metadata(self, request: Any) -> Any:
+        assert self.servicer is not None
+        return self.servicer._metadata(request)
+
+    def failure(self) -> str | None:
+        """Why the server can no longer do its job (a supervised part died), or None.
+
+        Once set it stays set: a server that lost a thread is restarted, not trusted again.
+        """
+        if self._failure is None and self._running and not self._stopping:
+            if self._server is not None and not self._server.wait_for_termination(timeout=0):
+                self._failure = "the gRPC server terminated"
+            elif (crash := self.manager.poller_failure()) is not None:
+                self._failure = crash
+            else:
+                for endpoint in self._endpoints:
+                    if not endpoint.thread.is_alive():
+                        self._failure = f"the {endpoint.name} endpoint stopped"
+                        break
+            if self._failure is not None:
+                log.error("failing: %s", self._failure)
+        return self._failure
 
     def is_serving(self) -> bool:
-        return not self._stopping and self.manager.all_available()
+        return not self._stopping and self.failure() is None and self.manager.all_available()
 
     def wait_available(self, stop: threading.Event, poll_s: float = 0.05) -> bool:
-        """Blocks until every model has a version taking traffic (True) or `stop` is set (False)."""
-        while not stop.is_set():
+        """Blocks until every model has a version taking traffic (True), or `stop` is set or the server fails (False)."""
+        while not stop.is_set() and self.failure() is None:
             if self.manager.all_available():
                 return True
             stop.wait(poll_s)
@@ -650,14 +785,21 @@ class ModelServer:
         started = time.monotonic()
         if self._server is not None:
             self._server.stop(self.config.grace_s).wait()
+        for endpoint in self._endpoints:
+            endpoint.stop()
         if self.batcher is not None:
             self.batcher.close()
         self.manager.stop()
         log.info("stopped in %.2f s", time.monotonic() - started)
 
 
-def serve_forever(server: ModelServer, on_ready: Callable[[ModelServer], None], on_change: Callable[[ModelServer], None]) -> None:
-    """Runs until SIGTERM or SIGINT: start, report readiness, then drain and stop."""
+def serve_forever(
+    server: ModelServer, on_ready: Callable[[ModelServer], None], on_change: Callable[[ModelServer], None]
+) -> str | None:
+    """Runs until SIGTERM or SIGINT (returns None) or until a supervised part dies (returns why).
+
+    Either way it drains and stops; the caller exits non-zero when a reason comes back.
+    """
     stop = threading.Event()
 
     def handle(signum: int, _frame: Any) -> None:
@@ -670,7 +812,10 @@ def serve_forever(server: ModelServer, on_ready: Callable[[ModelServer], None], 
         server.manager.on_change = lambda: on_change(server)
         if server.wait_available(stop):
             on_ready(server)
-        stop.wait()
+        while not stop.wait(server.config.supervise_interval_s):
+            if server.failure() is not None:
+                break
+        return server.failure()
     finally:
         server.stop()
         for s, h in previous.items():

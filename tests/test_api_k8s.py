@@ -1,71 +1,56 @@
-"""The HTTP API's manifests: built by kustomize with the rest, hardened like the worker, wired to real settings.
-
-The schema check of every core resource (tests/test_k8s.py) covers these too; this checks what is
-particular to the API.
-"""
+"""The HTTP API's manifests: what is particular to the API. Schemas, hardening, real settings,
+probes, checkov and the local run of every Deployment cover it with the rest (tests/test_k8s.py,
+tests/test_deploy_run.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from esp.settings import ALL_GROUPS, describe
-from esp.settings.api import ApiSettings
-from tests.test_k8s import _by_kind, manifests  # noqa: F401 - the shared kustomize build fixture
+from tests.fixtures import cluster as local
 
 
-def _api_container(manifests: list[dict]) -> tuple[dict, dict]:  # noqa: F811
-    spec = _by_kind(manifests, "Deployment", "esp-api")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    return spec, container
+@pytest.fixture(scope="module")
+def production() -> list[dict]:
+    return local.build_overlay(local.OVERLAYS / "production")
 
 
-def test_api_runs_from_the_worker_image_with_the_workers_hardening(manifests: list[dict]) -> None:  # noqa: F811
-    spec, container = _api_container(manifests)
-    worker_spec = _by_kind(manifests, "Deployment", "esp-worker")["spec"]["template"]["spec"]
-    (worker,) = worker_spec["containers"]
-    assert container["image"] == worker["image"] and container["args"] == ["api"]
-    assert spec["securityContext"] == worker_spec["securityContext"]
-    assert container["securityContext"] == worker["securityContext"]
-    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
-    assert spec["automountServiceAccountToken"] is False
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    grace = next(s.default for s in describe(ApiSettings) if s.name == "api_shutdown_grace_s")
-    assert spec["terminationGracePeriodSeconds"] > grace
-    assert container["ports"][0]["containerPort"] == int(_api_env(manifests)["ESP_API_PORT"])
-    (mount,) = container["volumeMounts"]
-    assert mount["readOnly"] and next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]["optional"]
-
-
-def _api_env(manifests: list[dict]) -> dict[str, str]:  # noqa: F811
-    _, container = _api_container(manifests)
+def _api(manifests: list[dict]) -> tuple[dict, dict, dict[str, str]]:
+    deployment = local.find(manifests, "Deployment", "esp-api")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
     (ref,) = container["envFrom"]
-    return _by_kind(manifests, "ConfigMap", ref["configMapRef"]["name"])["data"]
+    return deployment, container, local.find(manifests, "ConfigMap", ref["configMapRef"]["name"])["data"]
 
 
-def test_api_env_uses_only_real_settings(manifests: list[dict]) -> None:  # noqa: F811
-    known = {s.env for group in ALL_GROUPS for s in describe(group)}
-    env = _api_env(manifests)
-    assert not sorted(set(env) - known)
-    assert env["ESP_API_HOST"] == "0.0.0.0" and env["ESP_LOG_FORMAT"] == "json"
-    tf_port = _by_kind(manifests, "Service", "tf-serving")["spec"]["ports"][0]["port"]
-    assert env["ESP_MODEL_SERVER"] == f"tf-serving:{tf_port}"
+def test_api_runs_from_the_worker_image_on_its_declared_port(production: list[dict]) -> None:
+    deployment, container, env = _api(production)
+    (worker,) = local.find(production, "Deployment", "esp-worker")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == worker["image"] and container["args"] == ["api"]
+    assert env["ESP_API_HOST"] == "0.0.0.0" and env["ESP_PROJECT"] != "" and env["ESP_LOG_FORMAT"] == "json"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": int(env["ESP_API_PORT"])}
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > float(env["ESP_API_SHUTDOWN_GRACE_S"])
+    (mount,) = container["volumeMounts"]
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["secret"]["optional"] is True
+    account = local.find(production, "ServiceAccount", "esp-api")
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].startswith("esp-api@")
 
 
-@pytest.mark.parametrize("kind", ["Service", "PodDisruptionBudget", "NetworkPolicy"])
-def test_api_companions_select_the_api_pods(manifests: list[dict], kind: str) -> None:  # noqa: F811
-    labels = _by_kind(manifests, "Deployment", "esp-api")["spec"]["template"]["metadata"]["labels"]
-    resource = _by_kind(manifests, kind, "esp-api")["spec"]
-    selector = resource.get("selector") or resource["podSelector"]
-    selector = selector.get("matchLabels", selector)
-    assert selector.items() <= labels.items()
+@pytest.mark.parametrize("kind, name", [("Service", "esp-api"), ("PodDisruptionBudget", "esp-api"), ("NetworkPolicy", "esp-api-ingress"), ("PodMonitoring", "esp-api")])
+def test_api_companions_select_the_api_pods(production: list[dict], kind: str, name: str) -> None:
+    labels = local.find(production, "Deployment", "esp-api")["spec"]["template"]["metadata"]["labels"]
+    spec = local.find(production, kind, name)["spec"]
+    selector = spec.get("selector") or spec["podSelector"]
+    assert selector.get("matchLabels", selector).items() <= labels.items()
 
 
-def test_api_autoscales_and_may_reach_only_what_it_needs(manifests: list[dict]) -> None:  # noqa: F811
-    hpa = _by_kind(manifests, "HorizontalPodAutoscaler", "esp-api")["spec"]
+def test_api_autoscales_and_opens_only_its_port(production: list[dict]) -> None:
+    hpa = local.find(production, "HorizontalPodAutoscaler", "esp-api")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "esp-api" and hpa["minReplicas"] >= 2
-    policy = _by_kind(manifests, "NetworkPolicy", "esp-api")["spec"]
-    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    policy = local.find(production, "NetworkPolicy", "esp-api-ingress")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
     assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [8080]
-    to_tf = [rule for rule in policy["egress"] if any(t.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "tf-serving" for t in rule["to"])]
-    assert [p["port"] for rule in to_tf for p in rule["ports"]] == [8500]
+    labels = local.find(production, "Deployment", "esp-api")["spec"]["template"]["metadata"]["labels"]
+    # Egress through the shared rules: TF Serving's gRPC port, and Pub/Sub for suggested scores.
+    assert labels["esp-tf-serving-client"] == "true" and labels["esp-google-apis"] == "true"
+    service = local.find(production, "Service", "esp-api")["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in service] == [(80, "http")]

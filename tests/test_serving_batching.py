@@ -154,9 +154,11 @@ def test_empty_request_runs_alone():
 
 
 def test_production_config_files_parse(tmp_path):
-    sources = read_model_config(CONFIG_DIR / "models.config")
+    # Its base path is on Cloud Storage; esp serve reads it from a local stand-in directory.
+    sources = read_model_config(CONFIG_DIR / "models.config", gcs_local_dir=str(tmp_path))
     assert [s.name for s in sources] == ["bert"]
     bert = sources[0]
+    assert bert.base_path == str(tmp_path / "YOUR_BUCKET" / "models" / "bert")
     assert bert.policy == "specific" and bert.labels["stable"] in bert.specific_versions
     opts = read_batching_parameters(CONFIG_DIR / "batching_parameters.txt", BatchingOptions())
     assert opts.enable_large_batch_splitting and opts.max_execution_batch_size <= opts.max_batch_size

@@ -3,44 +3,26 @@ certificate made here and a required auth header."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from esp.scoring import ModelUnavailable
+from esp.localstack import free_port
 from serving.client import TFServingScorer
+from serving.local import ModelServerProcess
+from tests.fixtures.tls import self_signed, ssl_config
 
 AUTH = ("authorization", "Bearer test-token-7f3a")
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A throwaway certificate for 127.0.0.1 (IP SAN), so the client verifies the server for real."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "esp-serve-test")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed()
     cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert_path.write_bytes(cert)
+    key_path.write_bytes(key)
     return cert_path, key_path
 
 
@@ -74,3 +56,35 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(tls_server) -> None:  # ty
     with TFServingScorer(server.target, call_metadata=(AUTH,), timeout_s=2, retry_budget_s=1) as scorer:
         with pytest.raises(ModelUnavailable):
             scorer.predict(["plaintext"])
+
+
+def test_tf_serving_ssl_config_file(tmp_path: Path, test_model_base: Path, start_model_server: Callable[..., ModelServerProcess]) -> None:
+    """TF Serving's own TLS file (--ssl_config_file), PEMs inline, as the TLS component mounts it."""
+    cert, key = self_signed(dns_names=("tf-serving.esp.svc.cluster.local",), ips=())
+    config = tmp_path / "ssl.config"
+    config.write_text(ssl_config(cert, key))
+    server = start_model_server(
+        test_model_base, extra_args=["--ssl-config-file", str(config)], tls_root_certificates=cert,
+        tls_server_name="tf-serving.esp.svc.cluster.local",
+    )
+    # The certificate names the Service, not 127.0.0.1: the client checks that name.
+    with TFServingScorer(
+        server.target, root_certificates=cert, tls_server_name="tf-serving.esp.svc.cluster.local", timeout_s=5, retry_budget_s=2
+    ) as scorer:
+        assert scorer.predict(["hello"]).model_version == 1
+    with TFServingScorer(server.target, root_certificates=cert, timeout_s=2, retry_budget_s=1) as wrong_name:
+        with pytest.raises(ModelUnavailable):
+            wrong_name.predict(["hello"])
+
+
+def test_ssl_config_with_client_verify_refuses_a_client_without_a_certificate(
+    tmp_path: Path, test_model_base: Path, start_model_server: Callable[..., ModelServerProcess]
+) -> None:
+    cert, key = self_signed()
+    config = tmp_path / "ssl.config"
+    config.write_text(ssl_config(cert, key, client_verify=True))
+    # Without a client certificate nothing gets through gRPC, the health check included: ready by REST.
+    server = start_model_server(test_model_base, extra_args=["--ssl-config-file", str(config)], rest_api_port=free_port())
+    with TFServingScorer(server.target, root_certificates=cert, timeout_s=2, retry_budget_s=1) as scorer:
+        with pytest.raises(ModelUnavailable):
+            scorer.predict(["hello"])

@@ -99,3 +99,17 @@ def test_json_logs_carry_batch_id_and_model_version() -> None:
     entry = json.loads(lines[0])
     assert entry["message"] == "scored 32" and entry["severity"] == "INFO" and entry["logger"] == "worker.test"
     assert entry["batch_id"] == 7 and entry["model_version"] == 3 and entry["time"].endswith("Z")
+
+
+def test_a_metrics_port_in_use_fails_start_up_with_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_cli("--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--emulator-host", "127.0.0.1:1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("esp: error:") and f"127.0.0.1:{port}" in lines[0], result.stderr
+    assert "in use" in lines[0]

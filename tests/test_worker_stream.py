@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,29 +46,13 @@ def http(worker: Worker, path: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def running() -> Iterator[list[Worker]]:
-    """Workers a test starts are stopped at the end, whatever happened."""
-    workers: list[Worker] = []
-    try:
-        yield workers
-    finally:
-        for w in workers:
-            if not w._stop.is_set():
-                w.stop()
+def start(in_process: Callable[..., Worker], stream: Stream) -> Callable[..., Worker]:
+    return lambda scorer, **overrides: in_process(scorer, stream.settings, **overrides)
 
 
-def start(running: list[Worker], scorer, stream: Stream, **overrides: object) -> Worker:  # type: ignore[no-untyped-def]
-    probe = getattr(scorer, "probe", None)
-    settings, batching = fast_worker_settings(**overrides)
-    worker = Worker(scorer, pubsub=stream.settings, settings=settings, batching=batching, probe=probe).start()
-    running.append(worker)
-    wait_until(worker.ready, timeout_s=10, what="the worker to become ready")
-    return worker
-
-
-def test_every_comment_is_scored_exactly_once_with_its_attributes(stream: Stream, running: list[Worker]) -> None:
+def test_every_comment_is_scored_exactly_once_with_its_attributes(stream: Stream, start: Callable[..., Worker]) -> None:
     scorer = SumScorer(model_name="fake-bert", model_version=7)
-    worker = start(running, scorer, stream, max_batch_size=16)
+    worker = start(scorer, max_batch_size=16)
     comments = [(f"c-{i}", "word " * (1 + i % 50) + f"#{i}") for i in range(300)]
     message_ids = stream.publish_comments(comments, source="test")
     stream.collect(scores=300)
@@ -118,8 +102,8 @@ POISON = {
 }
 
 
-def test_poison_is_dead_lettered_with_its_reason_and_neighbours_are_scored(stream: Stream, running: list[Worker]) -> None:
-    worker = start(running, SumScorer(), stream)
+def test_poison_is_dead_lettered_with_its_reason_and_neighbours_are_scored(stream: Stream, start: Callable[..., Worker]) -> None:
+    worker = start(SumScorer())
     bodies: list[bytes] = []
     valid_ids = []
     for i, body in enumerate(POISON.values()):
@@ -149,10 +133,10 @@ def test_poison_is_dead_lettered_with_its_reason_and_neighbours_are_scored(strea
     wait_until(lambda: worker._ledger.count == 0, timeout_s=5, what="every message to be acked")
 
 
-def test_outage_pauses_pulling_and_resumes_without_a_nack(stream: Stream, running: list[Worker]) -> None:
+def test_outage_pauses_pulling_and_resumes_without_a_nack(stream: Stream, start: Callable[..., Worker]) -> None:
     # A short outage checks the state machine; test_worker_e2e holds one for 30 s, three ack deadlines.
     scorer = Outage(SumScorer())
-    worker = start(running, scorer, stream)
+    worker = start(scorer)
     stream.publish_comments([(f"a-{i}", f"before the outage {i}") for i in range(40)])
     stream.collect(scores=40)
 
@@ -181,9 +165,9 @@ def test_outage_pauses_pulling_and_resumes_without_a_nack(stream: Stream, runnin
     assert sample(worker, "esp_paused_seconds_total", cause="model server") > 0
 
 
-def test_a_rejected_comment_is_isolated_and_dead_lettered_on_its_last_attempt(stream: Stream, running: list[Worker]) -> None:
+def test_a_rejected_comment_is_isolated_and_dead_lettered_on_its_last_attempt(stream: Stream, start: Callable[..., Worker]) -> None:
     inner = SumScorer()
-    worker = start(running, Rejecting(inner), stream, max_batch_size=8, max_batch_latency_ms=50.0)
+    worker = start(Rejecting(inner), max_batch_size=8, max_batch_latency_ms=50.0)
     comments = [(f"n-{i}", f"neighbour {i}") for i in range(15)]
     comments.insert(7, ("bad-1", "this one <<REJECT>> breaks the model"))
     stream.publish_comments(comments, kind="mixed")
@@ -203,11 +187,9 @@ def test_a_rejected_comment_is_isolated_and_dead_lettered_on_its_last_attempt(st
     assert sample(worker, "esp_dead_letters_total", reason=ErrorType.MODEL_REJECTED) == 1
 
 
-def test_outstanding_messages_and_bytes_stay_bounded(stream: Stream, running: list[Worker]) -> None:
+def test_outstanding_messages_and_bytes_stay_bounded(stream: Stream, start: Callable[..., Worker]) -> None:
     worker = start(
-        running,
         Slow(SumScorer(), delay_s=0.05),
-        stream,
         max_batch_size=10,
         max_outstanding_messages=40,
         max_outstanding_bytes=1024 * 1024,
@@ -236,8 +218,8 @@ def test_outstanding_messages_and_bytes_stay_bounded(stream: Stream, running: li
     assert peak["count"] >= 20, "it did pull in batches"
 
 
-def test_stop_drains_and_a_second_worker_finishes_the_rest(stream: Stream, running: list[Worker]) -> None:
-    first = start(running, Slow(SumScorer(), delay_s=0.2), stream, max_batch_size=10, shutdown_grace_s=3.0)
+def test_stop_drains_and_a_second_worker_finishes_the_rest(stream: Stream, start: Callable[..., Worker]) -> None:
+    first = start(Slow(SumScorer(), delay_s=0.2), max_batch_size=10, shutdown_grace_s=3.0)
     stream.publish_comments([(f"d-{i}", f"drain me {i}") for i in range(300)])
     wait_until(lambda: sample(first, "esp_messages_total", outcome="scored") >= 20, timeout_s=20, what="some scores")
     t0 = time.monotonic()
@@ -248,14 +230,14 @@ def test_stop_drains_and_a_second_worker_finishes_the_rest(stream: Stream, runni
     assert sample(first, "esp_messages_total", outcome="nacked_shutdown") > 0
     assert scored_by_first < 300
 
-    start(running, SumScorer(), stream)
+    start(SumScorer())
     stream.collect(scores=300, timeout_s=30)
     assert stream.score_ids() == {f"d-{i}" for i in range(300)}
     assert stream.dead_letters == []
 
 
-def test_http_endpoints(stream: Stream, running: list[Worker]) -> None:
-    worker = start(running, SumScorer(), stream)
+def test_http_endpoints(stream: Stream, start: Callable[..., Worker]) -> None:
+    worker = start(SumScorer())
     assert http(worker, "/healthz") == (200, "ok\n")
     assert http(worker, "/readyz") == (200, "ready\n")
     stream.publish_comments([("h-1", "hello")])
@@ -269,12 +251,22 @@ def test_http_endpoints(stream: Stream, running: list[Worker]) -> None:
     assert http(worker, "/nope")[0] == 404
 
 
-def test_not_ready_until_the_model_answers(stream: Stream, running: list[Worker]) -> None:
+@pytest.fixture
+def stopped_at_teardown() -> Iterator[list[Worker]]:
+    workers: list[Worker] = []
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_not_ready_until_the_model_answers(stream: Stream, stopped_at_teardown: list[Worker]) -> None:
     scorer = Outage(SumScorer())
     scorer.down.set()
     settings, batching = fast_worker_settings()
     worker = Worker(scorer, pubsub=stream.settings, settings=settings, batching=batching, probe=scorer.probe).start()
-    running.append(worker)
+    stopped_at_teardown.append(worker)
     stream.publish_comments([("r-1", "waiting for the model")])
     # Two failed probes: the worker has had its chance to pull in between, and did not.
     wait_until(lambda: scorer.probes >= 2, timeout_s=10, what="two probes of the model")
@@ -286,10 +278,10 @@ def test_not_ready_until_the_model_answers(stream: Stream, running: list[Worker]
     stream.collect(scores=1)
 
 
-def test_an_idle_worker_notices_the_model_server_going_away(stream: Stream, running: list[Worker]) -> None:
+def test_an_idle_worker_notices_the_model_server_going_away(stream: Stream, start: Callable[..., Worker]) -> None:
     # No traffic, so no batch fails: only the idle probe can tell /readyz the truth.
     scorer = Outage(SumScorer())
-    worker = start(running, scorer, stream, idle_probe_interval_s=0.2)
+    worker = start(scorer, idle_probe_interval_s=0.2)
     assert http(worker, "/readyz")[0] == 200
     scorer.down.set()
     wait_until(lambda: not worker.ready(), timeout_s=10, what="not ready while the model server is down")

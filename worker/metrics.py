@@ -59,5 +59,5 @@ class WorkerMetrics:
         self.settle_errors = Counter(
             "esp_settle_errors", "Acks or nacks that failed even after retries (the message will be redelivered).", registry=r
         )
-        self.ready = Gauge("esp_ready", "1 while /readyz answers 200.", registry=r)
-        self.alive = Gauge("esp_alive", "1 while every worker thread runs (/healthz answers 200).", registry=r)
+        self.ready = Gauge("esp_ready", "1 while /readyz would answer 200.", registry=r)
+        self.alive = Gauge("esp_alive", "1 while every worker thread runs (/healthz would answer 200).", registry=r)

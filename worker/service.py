@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from esp import outages as causes
-from esp.contracts import DeadLetter, ErrorType, InvalidComment, Stage, dead_letter_for, parse_comment
+from esp.contracts import Comment, DeadLetter, ErrorType, InvalidComment, Stage, dead_letter_for, parse_comment
 from esp.engine import Job, Outcome, Rejected, Scored, ScoringEngine, Unavailable
 from esp.errors import ConfigError
 from esp.outages import Outages
@@ -73,6 +73,21 @@ class Held:
     message: Any  # the PubsubMessage protobuf: original bytes and attributes, for a dead letter
     delivery_attempt: int
     published_at: dt.datetime | None = None
+
+
+def read_comment(message: Any, *, max_body_bytes: int) -> Comment:
+    """A pulled message's comment, or InvalidComment with the reason; never any other exception.
+
+    Whatever a body makes ESP raise is that one message's problem: it is dead-lettered as an
+    internal error with the exception named, and its neighbours go on (tests/test_intake_fuzz.py).
+    """
+    try:
+        return parse_comment(bytes(message.data), max_body_bytes=max_body_bytes)
+    except InvalidComment:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error while reading message %s", getattr(message, "message_id", "?"))
+        raise InvalidComment(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def default_worker_id() -> str:
@@ -145,6 +160,8 @@ class Worker:
         self._dead_letters_done = False
 
         self._outcome = {o: self.metrics.messages.labels(o) for o in m.OUTCOMES}
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready() else 0.0)
+        self.metrics.alive.set_function(lambda: 1.0 if self.alive() else 0.0)
         self._threads: list[threading.Thread] = []
         self._publisher: Any = None
         self._subscriber: Any = None
@@ -227,8 +244,6 @@ class Worker:
         with self._state_lock:
             if self._fatal is None:
                 self._fatal = reason
-        self.metrics.alive.set(0)
-        self._set_ready_gauge()
         self._stop_requested.set()
 
     def _read_subscription(self) -> None:
@@ -254,7 +269,6 @@ class Worker:
     def run(self) -> int:
         """Starts, serves until SIGTERM/SIGINT or a fatal fault, drains; returns the exit code."""
         self.start()
-        self.metrics.alive.set(1)
         while not self._stop_requested.wait(0.2):
             if self.engine.fatal is not None:
                 self._fail(self.engine.fatal)
@@ -298,7 +312,6 @@ class Worker:
             self._subscriber.close()
         if self.health is not None:
             self.health.stop()
-        self._set_ready_gauge()
         log.info("worker stopped after %.1fs", self._clock() - started)
 
     def _join(self, name: str, timeout_s: float) -> None:
@@ -352,12 +365,8 @@ class Worker:
     def ready(self) -> bool:
         return self.not_ready() is None
 
-    def _set_ready_gauge(self) -> None:
-        self.metrics.ready.set(1 if self.ready() else 0)
-
     def _outage_changed(self, cause: str, is_open: bool) -> None:
         self.metrics.paused.labels(cause).set(1 if is_open else 0)
-        self._set_ready_gauge()
 
     def _outage_resolved(self, cause: str, seconds: float) -> None:
         self.metrics.paused_seconds.labels(cause).inc(seconds)
@@ -373,7 +382,6 @@ class Worker:
                 return
         with self._state_lock:
             self._pulling = True
-        self._set_ready_gauge()
         log.info(
             "pulling from %s (ack deadline %ss, max %d attempts) in %.2fs since start",
             self._sub_path,
@@ -398,14 +406,12 @@ class Worker:
             except gexc.GoogleAPICallError as exc:
                 with self._state_lock:
                     self._pull_error = f"{type(exc).__name__}: {exc.message}"
-                self._set_ready_gauge()
                 log.warning("pull from %s failed: %s", self._sub_path, self._pull_error)
                 self._stop.wait(1.0)
                 continue
             if self._pull_error is not None:
                 with self._state_lock:
                     self._pull_error = None
-                self._set_ready_gauge()
             received = type(response).pb(response).received_messages
             if received:
                 self._take(received)
@@ -422,16 +428,15 @@ class Worker:
         for rm in received:
             held = Held(rm.ack_id, rm.message, rm.delivery_attempt)
             try:
-                comment = parse_comment(rm.message.data, max_body_bytes=max_body)
-                held.published_at = rm.message.publish_time.ToDatetime(tzinfo=UTC)
+                comment = read_comment(rm.message, max_body_bytes=max_body)
             except InvalidComment as exc:
                 log.info("dead-lettering message %s: %s: %s", rm.message.message_id, exc.error_type, exc.reason)
                 self._dead_letter(held, Stage.VALIDATE, exc.error_type, exc.reason)
                 continue
-            except Exception as exc:  # anything a body can make ESP raise is that message's problem alone
-                log.exception("dead-lettering message %s: unexpected error while reading it", rm.message.message_id)
-                self._dead_letter(held, Stage.VALIDATE, ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-                continue
+            try:
+                held.published_at = rm.message.publish_time.ToDatetime(tzinfo=UTC)
+            except (ValueError, OverflowError):  # set by Pub/Sub, but no timestamp may stop a thread
+                held.published_at = None
             self.engine.submit(comment, context=held, published_at=held.published_at)
 
     # ------------------------------------------------------------------ results of a batch
@@ -607,12 +612,17 @@ class Worker:
             chunk = list(ack_ids[i : i + SETTLE_CHUNK])
             for attempt in range(1, attempts + 1):
                 try:
+                    # retry=None: the library's retry would block this thread for its whole timeout; ours
+                    # is bounded, and a lease extension is retried at the next check instead.
                     if deadline_s is None:
-                        self._subscriber.acknowledge(request={"subscription": self._sub_path, "ack_ids": chunk}, timeout=timeout)
+                        self._subscriber.acknowledge(
+                            request={"subscription": self._sub_path, "ack_ids": chunk}, timeout=timeout, retry=None
+                        )
                     else:
                         self._subscriber.modify_ack_deadline(
                             request={"subscription": self._sub_path, "ack_ids": chunk, "ack_deadline_seconds": deadline_s},
                             timeout=timeout,
+                            retry=None,
                         )
                 except gexc.GoogleAPICallError as exc:
                     if attempt < attempts:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 
 import click
 
+from esp.errors import ConfigError, EspError
 from esp.settings import LogSettings, ModelClientSettings, ModelServerSettings, build, click_options
 
 
@@ -20,9 +22,83 @@ def _read_pem(path: str | None, option: str) -> bytes | None:
     if path is None:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=option) from None
+        raise ConfigError(f"{option}: cannot read {path}: {exc.strerror}") from None
+    _check_pem(data, f"{option} {path}")
+    return data
+
+
+def _check_pem(data: bytes, what: str) -> None:
+    # gRPC would only fail later, when binding the port, with no word about which file is wrong.
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{what} is not a PEM file")
+
+
+def _read_text_proto(path: str, message: object, what: str) -> None:
+    from google.protobuf import text_format
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Fails at once on a port in use, before TensorFlow takes seconds to load; binding it for
+    real later still catches a port taken in between."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind: a port left in TIME_WAIT is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
+
+
+def _monitoring_path(path: str | None) -> str | None:
+    """The Prometheus path of a TF Serving MonitoringConfig, or None when it does not enable one."""
+    if path is None:
+        return None
+    from serving.tf_serving_configs import monitoring_config
+
+    config = monitoring_config()
+    _read_text_proto(path, config, "monitoring config")
+    if not config.prometheus_config.enable:
+        return None
+    # TF Serving's default path (util/prometheus_exporter.h) when the config names none.
+    return config.prometheus_config.path or "/monitoring/prometheus/metrics"
+
+
+def _tls(settings: ModelServerSettings) -> tuple[bytes | None, bytes | None, bytes | None, bool]:
+    """(cert chain, key, client CA, require client auth), from --tls-cert-file/--tls-key-file or
+    from TF Serving's SSLConfig (--ssl-config-file); all None for plaintext."""
+    if settings.ssl_config_file is None:
+        cert = _read_pem(settings.tls_cert_file, "--tls-cert-file")
+        return cert, _read_pem(settings.tls_key_file, "--tls-key-file"), None, False
+    from serving.tf_serving_configs import ssl_config
+
+    config = ssl_config()
+    what = f"SSL config {settings.ssl_config_file}"
+    _read_text_proto(settings.ssl_config_file, config, "SSL config")
+    if not config.server_key or not config.server_cert:
+        raise ConfigError(f"{what}: needs server_key and server_cert")
+    _check_pem(config.server_key.encode(), f"{what}: server_key")
+    _check_pem(config.server_cert.encode(), f"{what}: server_cert")
+    if config.custom_ca:
+        _check_pem(config.custom_ca.encode(), f"{what}: custom_ca")
+    if config.client_verify and not config.custom_ca:
+        raise ConfigError(f"{what}: client_verify needs custom_ca")
+    return config.server_cert.encode(), config.server_key.encode(), config.custom_ca.encode() or None, config.client_verify
+
 
 _CLIENT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelClientSettings))
 
@@ -36,8 +112,10 @@ def serve(**options: object) -> None:
 
     Stands in for TF Serving where it cannot be installed: the same SavedModel layout
     (<base>/<version>/), version policies and labels (--model-config-file in TF Serving's format),
-    warmup, status codes and batching parameters. Prints "serving model NAME version N on
-    HOST:PORT" once every model has a version taking traffic; stops cleanly on SIGTERM.
+    warmup, status codes and batching parameters, TF Serving's REST model status and Prometheus
+    page (--rest-api-port, --monitoring-config-file), its gRPC server arguments and SSL config.
+    Prints "serving model NAME version N on HOST:PORT" once every model has a version taking
+    traffic; stops cleanly on SIGTERM, and exits non-zero if a part of it dies.
     """
     import logging
 
@@ -52,11 +130,11 @@ def serve(**options: object) -> None:
     from serving.model_config import ModelSource, read_batching_parameters, read_model_config
 
     if settings.model_config_file:
-        sources = read_model_config(settings.model_config_file)
+        sources = read_model_config(settings.model_config_file, gcs_local_dir=settings.gcs_local_dir)
     else:
         base = os.path.abspath(str(settings.model_base_path))
         if not os.path.isdir(base):
-            raise click.BadParameter(f"{base} is not a directory", param_hint="--model-base-path")
+            raise ConfigError(f"--model-base-path {base} is not a directory")
         sources = [ModelSource(model_name, base)]
     batching = None
     if settings.enable_batching:
@@ -70,6 +148,12 @@ def serve(**options: object) -> None:
         )
         if settings.batching_parameters_file:
             batching = read_batching_parameters(settings.batching_parameters_file, batching)
+    # Every file is read, and every port tried, before TensorFlow loads: a wrong path or a port
+    # in use fails in a moment, not after seconds.
+    cert, key, client_ca, require_client_auth = _tls(settings)
+    monitoring_path = _monitoring_path(settings.monitoring_config_file)
+    for port, what in ((settings.port, "gRPC"), (settings.rest_api_port, "the REST API"), (settings.metrics_port, "metrics")):
+        _check_port_free(settings.bind_host, port, what)
     from serving.server import ModelServer, ServerConfig, serve_forever
 
     config = ServerConfig(
@@ -83,10 +167,18 @@ def serve(**options: object) -> None:
         threads=settings.server_threads,
         max_message_bytes=settings.max_message_bytes,
         batching=batching,
-        tls_cert_chain=_read_pem(settings.tls_cert_file, "--tls-cert-file"),
-        tls_private_key=_read_pem(settings.tls_key_file, "--tls-key-file"),
         required_metadata=settings.required_metadata(),
+        rest_port=settings.rest_api_port,
+        monitoring_path=monitoring_path,
+        channel_arguments=settings.channel_arguments(),
+        gcs_local_dir=settings.gcs_local_dir,
+        tls_cert_chain=cert,
+        tls_private_key=key,
+        tls_client_ca=client_ca,
+        tls_require_client_auth=require_client_auth,
     )
+    if settings.monitoring_config_file and not settings.rest_api_port:
+        logging.getLogger("esp.serve").warning("--monitoring-config-file needs --rest-api-port (as in TF Serving): no metrics page")
     log = logging.getLogger("esp.serve")
 
     def announce(server: ModelServer) -> None:
@@ -105,13 +197,22 @@ def serve(**options: object) -> None:
         for name, model in sorted(server.manager.models.items()):
             log.info("model %s now serves versions %s", name, model.available_versions())
 
-    serve_forever(ModelServer(config), on_ready=announce, on_change=changed)
+    code = 0
+    try:
+        failure = serve_forever(ModelServer(config), on_ready=announce, on_change=changed)
+    except EspError as exc:  # a start-up failure (a port in use): one line, as the `esp` group prints it
+        click.echo(f"esp: error: {exc}", err=True)
+        code = exc.exit_code
+    else:
+        if failure is not None:
+            click.echo(f"esp: error: esp serve stopped: {failure}", err=True)
+            code = EspError.exit_code
     # Drained and stopped. Skip the interpreter's TensorFlow teardown, which takes seconds and
     # has nothing left to flush: a restarting pod or test fixture should not wait for it.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 @click.command()
@@ -160,4 +261,7 @@ def score(texts: tuple[str, ...], saved_model: str | None, as_json: bool, **opti
 
 
 if __name__ == "__main__":
-    serve()
+    # Through the `esp` group, so errors end in one line and an exit code, as `esp serve` does.
+    from esp.cli.main import cli
+
+    cli(["serve", *sys.argv[1:]], prog_name="esp")

@@ -63,6 +63,18 @@ class ModelClientSettings:
     model_keepalive_s: float = setting(
         60.0, env="ESP_MODEL_KEEPALIVE_S", help="gRPC keepalive ping interval while calls are open, seconds."
     )
+    model_load_balancing: str = setting(
+        "round_robin",
+        env="ESP_MODEL_LOAD_BALANCING",
+        help="How calls spread over the addresses --model-server resolves to: `round_robin` (every replica "
+        "behind a headless Service, `dns:///NAME:PORT`) or `pick_first` (one connection).",
+        choices=("round_robin", "pick_first"),
+    )
+    model_tls_server_name: str | None = setting(
+        None,
+        env="ESP_MODEL_TLS_SERVER_NAME",
+        help="Name the model server's TLS certificate must carry, when it is not the host in --model-server.",
+    )
 
     def __post_init__(self) -> None:
         require(":" in self.model_server, f"model_server {self.model_server!r} must be host:port")
@@ -80,6 +92,10 @@ class ModelClientSettings:
         )
         require(self.model_max_message_bytes >= 4 * MIB, "model_max_message_bytes must be at least 4 MiB")
         require(self.model_keepalive_s > 0, "model_keepalive_s must be positive")
+        require(
+            self.model_tls_server_name is None or self.model_tls_root_certs is not None,
+            "model_tls_server_name needs model_tls_root_certs (it names the certificate of a TLS server)",
+        )
         self.call_metadata()  # validates the format up front
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -87,15 +103,15 @@ class ModelClientSettings:
         return parse_metadata(self.model_call_metadata, "model_call_metadata")
 
 
-def parse_metadata(value: str | None, name: str) -> tuple[tuple[str, str], ...]:
-    """`key=value[,key=value]` as gRPC metadata pairs; gRPC requires lowercase keys."""
+def parse_metadata(value: str | None, name: str, *, lower: bool = True) -> tuple[tuple[str, str], ...]:
+    """`key=value[,key=value]` as pairs; gRPC metadata keys are lowercase (`lower`)."""
     if not value:
         return ()
     pairs = []
     for item in value.split(","):
         key, sep, val = item.partition("=")
         require(bool(sep) and key.strip() != "", f"{name} item {item!r} is not key=value")
-        pairs.append((key.strip().lower(), val.strip()))
+        pairs.append((key.strip().lower() if lower else key.strip(), val.strip()))
     return tuple(pairs)
 
 
@@ -112,6 +128,35 @@ class ModelServerSettings:
         help="TF Serving models.config (text format): models, version policies, version labels. Excludes --model-base-path.",
     )
     port: int = setting(8500, env="ESP_SERVE_PORT", help="gRPC port (0 picks a free one and prints it).")
+    rest_api_port: int = setting(
+        0,
+        env="ESP_SERVE_REST_API_PORT",
+        help="Port of TF Serving's REST model status and metadata (GET /v1/models/NAME[/versions/N|/labels/L][/metadata]) "
+        "and of the Prometheus page of --monitoring-config-file; 0 disables it.",
+    )
+    monitoring_config_file: str | None = setting(
+        None,
+        env="ESP_SERVE_MONITORING_CONFIG_FILE",
+        help="TF Serving MonitoringConfig (text format): with prometheus_config enabled, metrics on the REST port at its path.",
+    )
+    grpc_channel_arguments: str | None = setting(
+        None,
+        env="ESP_SERVE_GRPC_CHANNEL_ARGUMENTS",
+        help="gRPC server arguments, `key=value,key=value`, as TF Serving's --grpc_channel_arguments "
+        "(e.g. grpc.max_connection_age_ms=30000, so clients reconnect and find new replicas).",
+    )
+    ssl_config_file: str | None = setting(
+        None,
+        env="ESP_SERVE_SSL_CONFIG_FILE",
+        help="TF Serving SSLConfig (text format: server_key, server_cert, custom_ca, client_verify): serve gRPC over TLS. "
+        "Excludes --tls-cert-file.",
+    )
+    gcs_local_dir: str | None = setting(
+        None,
+        env="ESP_SERVE_GCS_LOCAL_DIR",
+        help="Read gs://BUCKET/PATH base paths from DIR/BUCKET/PATH: a local stand-in for Cloud Storage, to run a "
+        "production models.config unchanged.",
+    )
     bind_host: str = setting("127.0.0.1", env="ESP_SERVE_BIND_HOST", help="Address to listen on (0.0.0.0 in a container).")
     metrics_port: int = setting(
         0, env="ESP_SERVE_METRICS_PORT", help="Port of the Prometheus /metrics endpoint; 0 disables it."
@@ -182,6 +227,16 @@ class ModelServerSettings:
         )
         require(0 <= self.port <= 65535, "port must be 0..65535")
         require(0 <= self.metrics_port <= 65535, "metrics_port must be 0..65535")
+        require(0 <= self.rest_api_port <= 65535, "rest_api_port must be 0..65535")
+        require(
+            self.rest_api_port == 0 or self.rest_api_port != self.port,
+            "rest_api_port must differ from port",
+        )
+        require(
+            self.ssl_config_file is None or self.tls_cert_file is None,
+            "give ssl_config_file or tls_cert_file/tls_key_file, not both",
+        )
+        self.channel_arguments()  # validates the format up front
         require(self.file_system_poll_wait_s >= 0, "file_system_poll_wait_s must not be negative")
         require(self.model_config_file_poll_wait_s >= 0, "model_config_file_poll_wait_s must not be negative")
         require(self.server_threads >= 1, "server_threads must be at least 1")
@@ -199,3 +254,14 @@ class ModelServerSettings:
 
     def required_metadata(self) -> tuple[tuple[str, str], ...]:
         return parse_metadata(self.required_call_metadata, "required_call_metadata")
+
+    def channel_arguments(self) -> tuple[tuple[str, int | str], ...]:
+        """--grpc-channel-arguments as gRPC options; integers become ints, as TF Serving parses them."""
+        pairs = []
+        for key, value in parse_metadata(self.grpc_channel_arguments, "grpc_channel_arguments", lower=False):
+            require(key.startswith("grpc."), f"grpc_channel_arguments: {key!r} is not a gRPC argument (grpc.*)")
+            try:
+                pairs.append((key, int(value)))
+            except ValueError:
+                pairs.append((key, value))
+        return tuple(pairs)

@@ -1,0 +1,109 @@
+"""`esp serve` answers TF Serving's REST model status, metadata and Prometheus page as TF Serving
+does (the production Deployment's probes and PodMonitoring read them), and its gRPC side carries
+Pub/Sub-sized messages."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from esp.localstack import free_port
+from serving import esp_tfs_pb2 as pb
+from serving.client import PREDICT_METHOD, TFServingScorer, channel_options, string_tensor
+from serving.local import ModelServerProcess
+
+MONITORING_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "config" / "monitoring.config"
+METRICS_PATH = "/monitoring/prometheus/metrics"
+PUBSUB_MAX_MESSAGE_BYTES = 10 * 1000 * 1000
+
+
+@pytest.fixture(scope="module")
+def rest_server(test_model_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServerProcess]:
+    server = ModelServerProcess(
+        test_model_base,
+        rest_api_port=free_port(),
+        extra_args=["--monitoring-config-file", str(MONITORING_CONFIG)],
+        log_path=tmp_path_factory.mktemp("rest") / "esp-serve.log",
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _get(server: ModelServerProcess, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{path}", timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+
+
+def test_model_status_as_tf_serving_answers_it(rest_server: ModelServerProcess) -> None:
+    expected = {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    for path in ("/v1/models/bert", "/v1/models/bert/versions/1", "/V1/MODELS/bert"):
+        code, body = _get(rest_server, path)
+        assert code == 200 and json.loads(body) == expected, (path, body)
+
+
+@pytest.mark.parametrize(
+    "path, code, error",
+    [
+        ("/v1/models/nope", 404, "Servable not found for request: Latest(nope)"),
+        ("/v1/models/bert/versions/9", 404, "Could not find version 9 of model bert"),
+        ("/v1/models", 400, "Missing model name in request."),
+        ("/v1/models/bert:predict", 400, "Malformed request: GET /v1/models/bert:predict"),
+    ],
+)
+def test_errors_as_tf_serving_answers_them(rest_server: ModelServerProcess, path: str, code: int, error: str) -> None:
+    got, body = _get(rest_server, path)
+    assert got == code and json.loads(body) == {"error": error}
+
+
+def test_paths_outside_the_api_are_not_found(rest_server: ModelServerProcess) -> None:
+    assert _get(rest_server, "/healthz")[0] == 404
+
+
+def test_model_metadata_as_tf_serving_answers_it(rest_server: ModelServerProcess) -> None:
+    code, body = _get(rest_server, "/v1/models/bert/metadata")
+    assert code == 200
+    metadata = json.loads(body)
+    assert metadata["model_spec"] == {"name": "bert", "version": "1", "signature_name": ""}
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["text"]["dtype"] == "DT_STRING"
+    assert "toxic" in signature["outputs"]
+
+
+def test_prometheus_page_at_the_monitoring_config_path(rest_server: ModelServerProcess) -> None:
+    with TFServingScorer(rest_server.target, timeout_s=10, retry_budget_s=2) as scorer:
+        scorer.predict(["hello there"])
+    code, page = _get(rest_server, METRICS_PATH)
+    assert code == 200
+    # TF Serving's own series, which the model-errors alert reads, and esp serve's.
+    assert ':tensorflow:serving:request_count{model_name="bert",status="OK"}' in page
+    assert "esp_serve_requests_total" in page
+
+
+def test_pubsub_sized_messages_cross_the_grpc_channel(rest_server: ModelServerProcess) -> None:
+    """A request bigger than Pub/Sub's 10 MB limit goes through on ESP's client channel options
+    (gRPC's default is 4 MiB) and is judged by the server, not refused by the transport."""
+    request = pb.PredictRequest()
+    request.model_spec.name = "bert"
+    request.inputs["text"].CopyFrom(string_tensor(["hello"]))
+    request.inputs["padding"].CopyFrom(string_tensor(["x" * (PUBSUB_MAX_MESSAGE_BYTES + 1_000_000)]))
+    assert request.ByteSize() > PUBSUB_MAX_MESSAGE_BYTES
+    options = channel_options(256 * 1024 * 1024, 60.0)
+    with grpc.insecure_channel(rest_server.target, options=list(options)) as channel:
+        predict = channel.unary_unary(PREDICT_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
+                                      response_deserializer=pb.PredictResponse.FromString)
+        with pytest.raises(grpc.RpcError) as raised:
+            predict(request, timeout=60)
+    # The server read it all and refused the unknown input, as TF Serving would.
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
