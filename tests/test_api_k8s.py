@@ -28,9 +28,6 @@ def test_api_runs_from_the_worker_image_on_its_declared_port(production: list[di
     assert env["ESP_API_HOST"] == "0.0.0.0" and env["ESP_PROJECT"] != "" and env["ESP_LOG_FORMAT"] == "json"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": int(env["ESP_API_PORT"])}
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > float(env["ESP_API_SHUTDOWN_GRACE_S"])
-    (mount,) = container["volumeMounts"]
-    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    assert mount["readOnly"] and volume["secret"]["optional"] is True
     account = local.find(production, "ServiceAccount", "esp-api")
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].startswith("esp-api@")
 
