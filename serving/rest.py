@@ -19,16 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from google.protobuf import json_format
 
-from esp.errors import ConfigError
+from esp.http_endpoint import HttpEndpoint, Reply, metrics_route
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +56,7 @@ HTTP_STATUS = {
 }
 
 JSON = "application/json"
-# What a route answers: HTTP status, content type, body.
-Reply = tuple[int, str, bytes]
+__all__ = ["HttpEndpoint", "Reply", "model_route", "metrics_route"]
 
 
 def error_reply(code: grpc.StatusCode, message: str) -> Reply:
@@ -135,74 +132,5 @@ def model_route(
         except request_error as exc:
             error: Any = exc
             return error_reply(error.code, error.message)
-
-    return route
-
-
-class HttpEndpoint:
-    """One HTTP port answering GET through routes; runs on a thread that the server supervises.
-
-    A route returns a Reply, or None to let the next route try; no route answering is a 404.
-    Binding happens in the constructor, so a port in use is a ConfigError at start-up.
-    """
-
-    def __init__(self, name: str, host: str, port: int, routes: list[Callable[[str], Reply | None]]) -> None:
-        self.name = name
-        self._routes = routes
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-                path = urllib.parse.urlsplit(self.path).path
-                try:
-                    reply = endpoint.answer(path)
-                except Exception:  # a bug in a route answers 500 and is logged; the endpoint stays up
-                    log.exception("%s: GET %s failed", endpoint.name, path)
-                    reply = error_reply(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
-                code, content_type, body = reply
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                # Probes and scrapes call every few seconds; their access log is noise.
-                pass
-
-        try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} for the {name}: {exc.strerror or exc}") from None
-        self._server.daemon_threads = True
-        self.thread = threading.Thread(target=self._server.serve_forever, name=f"esp-serve-{name}", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def answer(self, path: str) -> Reply:
-        for route in self._routes:
-            reply = route(path)
-            if reply is not None:
-                return reply
-        return 404, "text/plain; charset=utf-8", b""
-
-    def start(self) -> HttpEndpoint:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-
-def metrics_route(path: str, page: Callable[[], bytes]) -> Callable[[str], Reply | None]:
-    """Serves Prometheus's text format at exactly `path`."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    def route(requested: str) -> Reply | None:
-        return (200, CONTENT_TYPE_LATEST, page()) if requested == path else None
 
     return route

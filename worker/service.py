@@ -182,7 +182,6 @@ class Worker:
                 self.settings.metrics_host,
                 self.settings.metrics_port,
                 registry=self.metrics.registry,
-                alive=self.alive,
                 not_ready=self.not_ready,
                 not_alive=self.not_alive,
             ).start()
