@@ -19,7 +19,7 @@ help:
 	@echo "make demo     set up, then run ESP end to end locally (emulator, model server, worker)"
 	@echo "make test     set up, then run the test suite (starts the services it needs)"
 	@echo "make model    train the default model into models/bert/1 (about 10 minutes on 2 cores)"
-	@echo "make bench    the serving and worker benchmarks on the default model (docs/serving.md, docs/worker.md)"
+	@echo "make bench    the serving, worker and HTTP API benchmarks on the default model (docs/serving.md, docs/worker.md, docs/api.md)"
 	@echo "make docs     regenerate the README's configuration table"
 
 install: system-packages $(STAMP) $(CHECKOV_STAMP)
@@ -73,6 +73,8 @@ bench: model
 		--chart docs/figures/serving-throughput.png
 	$(BIN)/python bench/bench_worker.py --model models/bert --json docs/figures/worker-bench.json \
 		--chart docs/figures/worker-throughput.png
+	$(BIN)/python bench/bench_api.py --model models/bert --json docs/figures/api-bench.json \
+		--chart docs/figures/api-throughput.png
 
 docs: install
 	$(BIN)/esp config --update-readme README.md

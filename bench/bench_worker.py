@@ -362,6 +362,18 @@ def chart(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def choose_model(model: Path | None, *, test_model: bool, scratch: Path) -> tuple[Path, str]:
+    """The model base path to benchmark and how to name it: `model`, else models/bert, else the test model."""
+    if test_model or (model is None and not (DEFAULT_MODEL / "1").exists()):
+        from tests.fixtures.models import export_test_model
+
+        base = scratch / "bert"
+        export_test_model(base, 1)
+        return base, "test model (tests/fixtures/models.py)"
+    base = (model or DEFAULT_MODEL).resolve()
+    return base, str(base.relative_to(REPO_ROOT)) if base.is_relative_to(REPO_ROOT) else str(base)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model base path (default: models/bert, the default model, if present)")
@@ -384,16 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = tempfile.TemporaryDirectory(prefix="esp-bench-worker-")
     log_dir = Path(scratch.name)
-    if args.test_model or (args.model is None and not (DEFAULT_MODEL / "1").exists()):
-        from tests.fixtures.models import export_test_model
-
-        base = log_dir / "bert"
-        export_test_model(base, 1)
-        model_desc = "test model (tests/fixtures/models.py)"
-    else:
-        base = (args.model or DEFAULT_MODEL).resolve()
-        model_desc = str(base.relative_to(REPO_ROOT)) if base.is_relative_to(REPO_ROOT) else str(base)
-
+    base, model_desc = choose_model(args.model, test_model=args.test_model, scratch=log_dir)
     texts = load_texts(20_000)
     lengths = sorted(len(t) for t in texts)
     results: dict[str, Any] = {

@@ -1,9 +1,11 @@
 """`esp demo`: the whole stream path on one machine, end to end, with a readable result.
 
 Starts Google's Pub/Sub emulator, creates ESP's resources, makes sure a `demo` model exists
-(training it through the normal pipeline the first time), starts the local model server and the
-worker, publishes the shipped sample comments plus a few poison messages, waits for every score
-and dead letter, prints what came out, and stops everything it started.
+(training it through the normal pipeline the first time), starts the local model server, the
+worker and the HTTP API, publishes the shipped sample comments plus a few poison messages, waits
+for every score and dead letter, scores a few comments through the API too, prints what came out
+(with a `curl` line to try), and stops everything it started. With `keep_running`, everything
+stays up (the page at the API's URL) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ POISON = [
 ]
 
 
+# Scored through the HTTP API by the demo, one request each, as a moderator's tool would.
+API_EXAMPLES = [
+    "Thank you for fixing the citation, the article reads much better now.",
+    "You are an idiot and everyone here hates you.",
+    "Stop reverting my edits or I will find you.",
+]
+
+
+@dataclasses.dataclass
+class ApiResult:
+    url: str
+    scores: list[tuple[str, dict, float]]  # (text, score record, round trip ms)
+    curl: str
+
+
 @dataclasses.dataclass
 class DemoResult:
     published: int
@@ -47,6 +64,7 @@ class DemoResult:
     duplicates: int
     dead_letters: list[DeadLetter]
     seconds: float
+    api: ApiResult | None = None
 
 
 def _step(n: int, total: int, what: str) -> None:
@@ -89,15 +107,34 @@ def _wait_for(collect: Callable[[], bool], timeout_s: float, what: str) -> None:
             raise EspError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
+def score_through_api(api: Any) -> ApiResult:
+    """Scores API_EXAMPLES through POST /v1/score, one request each; fails loudly on any error answer."""
+    results = []
+    for text in API_EXAMPLES:
+        started = time.monotonic()
+        status, _, body = api.post_json("/v1/score", {"text": text})
+        if status != 200:
+            raise EspError(f"the HTTP API answered {status} for a sample comment: {body}")
+        results.append((text, body, (time.monotonic() - started) * 1000))
+    payload = json.dumps({"text": "You are a wonderful person."})
+    curl = f"curl -s -X POST {api.base_url}/v1/score -H 'Content-Type: application/json' -d '{payload}'"
+    return ApiResult(api.base_url, results, curl)
+
+
+def run_demo(*, timeout_s: float = 300.0, keep_running: Callable[[DemoResult], None] | None = None) -> DemoResult:
+    """The demo; with `keep_running`, that callback runs (and may block, e.g. until Ctrl-C) while everything is still up."""
+    from api.local import ApiProcess
     from serving.local import ModelServerProcess
     from worker.local import WorkerProcess
+
+    from esp.settings import ModelClientSettings
+    from esp.settings.api import ApiSettings
 
     from esp.pubsub import publisher_client, subscriber_client
     from esp.pubsub_admin import init_resources
     from esp.publishing import publish_file
 
-    total = 7
+    total = 8
     WORK.mkdir(parents=True, exist_ok=True)
     if not SAMPLE.exists():
         raise EspError(f"{SAMPLE} is missing: the sample comments ship with the repository")
@@ -108,7 +145,7 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
 
     _step(2, total, "starting Google's Pub/Sub emulator")
     emulator = PubSubEmulator(log_path=WORK / "emulator.log").start()
-    server = worker = publisher = subscriber = None
+    server = worker = api = publisher = subscriber = None
     try:
         pubsub = PubSubSettings(project="esp-demo", emulator_host=emulator.host)
         click.echo(f"      emulator on {emulator.host} (pid {emulator.pid})", err=True)
@@ -119,7 +156,7 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
         scores_sub = pubsub.subscription_path("demo-scores-reader")
         subscriber.create_subscription(request={"name": scores_sub, "topic": pubsub.topic_path(pubsub.scores_topic)})
 
-        _step(4, total, "starting the model server (esp serve) and the worker (esp worker run)")
+        _step(4, total, "starting the model server (esp serve), the worker (esp worker run) and the HTTP API (esp api)")
         server = ModelServerProcess(DEMO_MODEL_BASE, log_path=WORK / "model-server.log").start(timeout_s=120)
         click.echo(f"      model server on {server.target} (pid {server.pid})", err=True)
         worker = WorkerProcess(
@@ -128,6 +165,14 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
             log_path=WORK / "worker.log",
         ).start()
         click.echo(f"      worker ready (pid {worker.pid}), metrics on {worker.base_url}/metrics", err=True)  # type: ignore[attr-defined]
+        api = ApiProcess(
+            ModelClientSettings(model_server=server.target),
+            pubsub,
+            ApiSettings(api_port=0),
+            env={"ESP_LOG_FORMAT": "text"},
+            log_path=WORK / "api.log",
+        ).start()
+        click.echo(f"      HTTP API ready (pid {api.pid}) on {api.base_url}", err=True)  # type: ignore[attr-defined]
 
         _step(5, total, f"publishing {len(expected)} sample comments and {len(POISON)} poison messages")
         started = time.monotonic()
@@ -170,13 +215,21 @@ def run_demo(*, timeout_s: float = 300.0) -> DemoResult:
 
         _wait_for(all_dead_lettered, 60, f"{len(POISON)} dead letters")
 
-        _step(7, total, "stopping the worker (SIGTERM: drain, flush, exit 0), the model server and the emulator")
-        code = worker.stop(timeout_s=60)
-        worker = None
-        if code != 0:
-            raise EspError(f"the worker exited with code {code} on SIGTERM (log: {WORK / 'worker.log'})")
-        return DemoResult(len(expected), scores, duplicates, dead, seconds)
+        _step(7, total, "scoring a few comments through the HTTP API (POST /v1/score, one request each)")
+        result = DemoResult(len(expected), scores, duplicates, dead, seconds, score_through_api(api))
+        if keep_running is not None:
+            keep_running(result)
+
+        _step(8, total, "stopping the API and the worker (SIGTERM: drain, flush, exit 0), the model server and the emulator")
+        for name, proc, log_name in (("HTTP API", api, "api.log"), ("worker", worker, "worker.log")):
+            code = proc.stop(timeout_s=60)
+            if code != 0:
+                raise EspError(f"the {name} exited with code {code} on SIGTERM (log: {WORK / log_name})")
+        api = worker = None
+        return result
     finally:
+        if api is not None:
+            api.stop()
         if worker is not None:
             worker.stop()
         if server is not None:
@@ -263,6 +316,12 @@ def render(result: DemoResult) -> str:
     lines += ["", click.style(f"  Dead letters ({len(result.dead_letters)}): poison is set aside with its reason, never dropped", bold=True)]
     for d in result.dead_letters:
         lines.append(f"   {d.stage}/{d.error_type}: {d.reason}   body={d.data[:40]!r}")
+    if result.api is not None:
+        lines += ["", click.style(f"  Through the HTTP API ({result.api.url}), one request per comment:", bold=True)]
+        for text, record, ms in result.api.scores:
+            flags = ",".join(record["flags"]) or "-"
+            lines.append(f"   {record['scores']['toxic']:.3f}  {ms:5.0f} ms  {_clip(text, 55):<55}  {flags}")
+        lines += ["   try it yourself (while the API runs: `esp demo --keep-running`):", f"   {result.api.curl}"]
     lines += ["", f"  All scores: {WORK / 'scores.jsonl'}; logs: {WORK}/*.log", ""]
     return "\n".join(lines)
 

@@ -113,6 +113,17 @@ def desired_subscriptions(s: PubSubSettings) -> list[SubscriptionSpec]:
             min_backoff_s=None,
             max_backoff_s=None,
         ),
+        # Suggested scores from the HTTP API (comments:suggestscore): kept for the next training run.
+        SubscriptionSpec(
+            name=s.subscription_path(s.feedback_subscription),
+            topic=s.topic_path(s.feedback_topic),
+            ack_deadline_seconds=60,
+            message_retention_s=7 * DAY_S,
+            dead_letter_topic=None,
+            max_delivery_attempts=None,
+            min_backoff_s=None,
+            max_backoff_s=None,
+        ),
     ]
 
 
@@ -247,7 +258,7 @@ def init_resources(
     subscriber = subscriber_client(settings)
     timeout = settings.pubsub_timeout_s
     try:
-        for topic in (settings.comments_topic, settings.scores_topic, settings.dead_letter_topic):
+        for topic in (settings.comments_topic, settings.scores_topic, settings.dead_letter_topic, settings.feedback_topic):
             path = settings.topic_path(topic)
             with translate_errors(settings, f"creating topic {topic}"):
                 try:

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.worker",
     "tests.fixtures.trained_model",
     "tests.fixtures.fuzz",
+    "tests.fixtures.api",
 ]

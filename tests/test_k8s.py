@@ -318,8 +318,9 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
 
 def test_worker_image_installs_no_tensorflow() -> None:
     text = (ROOT / "worker" / "Dockerfile").read_text()
-    assert '".[worker]"' in text
+    assert '".[worker,api]"' in text  # the HTTP API runs from the worker's image
     cfg = ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    worker_deps = cfg["options.extras_require"]["worker"] + cfg["options"]["install_requires"]
+    extras = cfg["options.extras_require"]
+    worker_deps = extras["worker"] + extras["api"] + cfg["options"]["install_requires"]
     assert "tensorflow" not in worker_deps and "apache-beam" not in worker_deps

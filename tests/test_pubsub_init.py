@@ -27,7 +27,7 @@ def _read_subscription(settings: PubSubSettings, name: str):
 
 def test_init_creates_everything_then_changes_nothing(pubsub_settings: PubSubSettings) -> None:
     first = init_resources(pubsub_settings)
-    assert [c.action for c in first.changes] == ["created"] * 5
+    assert [c.action for c in first.changes] == ["created"] * 7  # 4 topics, 3 subscriptions
     assert first.changed
 
     # Read back through the admin API: the policy really is on the subscription.
@@ -52,7 +52,7 @@ def test_init_creates_everything_then_changes_nothing(pubsub_settings: PubSubSet
     } <= topics
 
     second = init_resources(pubsub_settings)
-    assert [c.action for c in second.changes] == ["unchanged"] * 5
+    assert [c.action for c in second.changes] == ["unchanged"] * 7
     assert not second.changed and not second.differs
 
 
@@ -74,7 +74,7 @@ def test_difference_is_reported_and_update_fixes_it(pubsub_settings: PubSubSetti
     assert not _read_subscription(pubsub_settings, pubsub_settings.subscription).dead_letter_policy.dead_letter_topic
 
     fixed = init_resources(pubsub_settings, update=True)
-    assert [c.action for c in fixed.changes if c.kind == "subscription"] == ["updated", "unchanged"]
+    assert [c.action for c in fixed.changes if c.kind == "subscription"] == ["updated", "unchanged", "unchanged"]
     sub = _read_subscription(pubsub_settings, pubsub_settings.subscription)
     assert sub.dead_letter_policy.max_delivery_attempts == pubsub_settings.max_delivery_attempts
     assert not init_resources(pubsub_settings).differs

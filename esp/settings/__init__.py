@@ -37,3 +37,9 @@ __all__ = [
     "setting",
     "WorkerSettings",
 ]
+
+# The HTTP API (`esp api`, issue 11).
+from esp.settings.api import ApiSettings  # noqa: E402
+
+ALL_GROUPS.append(ApiSettings)
+__all__.append("ApiSettings")

@@ -48,9 +48,19 @@ class PubSubSettings:
     pubsub_timeout_s: float = setting(
         30.0, env="ESP_PUBSUB_TIMEOUT_S", help="Deadline for one Pub/Sub admin or publish call, seconds."
     )
+    feedback_topic: str = setting(
+        "comment-feedback",
+        env="ESP_FEEDBACK_TOPIC",
+        help="Topic the HTTP API publishes suggested scores to (Perspective's comments:suggestscore): labelled data for training.",
+    )
+    feedback_subscription: str = setting(
+        "comment-feedback-hold",
+        env="ESP_FEEDBACK_SUBSCRIPTION",
+        help="Subscription that keeps suggested scores until training reads them (7 days).",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("comments_topic", "scores_topic", "dead_letter_topic", "subscription", "dead_letter_subscription"):
+        for name in ("comments_topic", "scores_topic", "dead_letter_topic", "subscription", "dead_letter_subscription", "feedback_topic", "feedback_subscription"):
             value = getattr(self, name)
             # Pub/Sub ids: 3..255 chars, start with a letter, no "goog" prefix.
             require(3 <= len(value) <= 255 and value[:1].isalpha(), f"{name} {value!r}: ids need 3-255 characters and must start with a letter")

@@ -1,0 +1,149 @@
+"""Runs the API: binds the port, builds the scorer and the shared engine, serves on uvicorn, drains.
+
+Start-up failures (port taken, bad keys file, bad settings) are EspError/ConfigError: one line and
+a non-zero exit from the CLI. On SIGTERM/SIGINT uvicorn stops accepting connections, /readyz turns
+503, requests in flight finish within api_shutdown_grace_s, then the engine finishes its batches
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+
+from api.app import ApiApp
+from api.feedback import FeedbackPublisher
+from api.keys import KeyStore
+from api.metrics import ApiMetrics
+from api.redact import install as install_redaction
+from api.service import ScoringService
+from esp.errors import ConfigError
+from esp.logs import configure_logging
+from esp.settings import BatchingSettings, CommentSettings, LogSettings, ModelClientSettings, PubSubSettings
+from esp.settings.api import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything heavy starts: a taken port fails at once, in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use (set --api-port, or 0 for a free one)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_app(
+    engine: Any,
+    *,
+    service: ScoringService,
+    settings: ApiSettings,
+    comments: CommentSettings,
+    pubsub: PubSubSettings | None,
+    metrics: ApiMetrics,
+) -> ApiApp:
+    keys = None
+    if settings.api_keys_file:
+        keys = KeyStore(settings.api_keys_file, default_rate_per_s=settings.api_default_rate_per_s, default_burst=settings.api_default_burst)
+        log.info("API keys required: %d keys loaded from %s", keys.count, settings.api_keys_file)
+    else:
+        log.warning("no API keys file (ESP_API_KEYS_FILE): anyone who reaches this port may score comments")
+    service.attach(engine)
+    feedback = FeedbackPublisher(pubsub, timeout_s=max(settings.api_request_deadline_s, 5.0)) if pubsub is not None else None
+    return ApiApp(
+        service=service,
+        settings=settings,
+        comment_settings=comments,
+        metrics=metrics,
+        keys=keys,
+        feedback=feedback,
+        not_ready=engine.not_ready,
+        alive=engine.alive,
+    )
+
+
+def serve(
+    settings: ApiSettings,
+    *,
+    batching: BatchingSettings,
+    client: ModelClientSettings,
+    comments: CommentSettings,
+    pubsub: PubSubSettings | None,
+    logs: LogSettings,
+) -> int:
+    """`esp api`: serves until SIGTERM/SIGINT; returns the exit code."""
+    from esp.engine import ScoringEngine
+    from serving.scorers import make_scorer
+
+    configure_logging(logs)
+    install_redaction(logging.getLogger().handlers)
+    sock = bind(settings.api_host, settings.api_port)
+    metrics = ApiMetrics()
+    # The request deadline caps the client's own retries, and so does the engine's outage backoff:
+    # a blip is absorbed inside one Predict, an outage reaches the engine (503 + Retry-After) in time.
+    scorer = make_scorer(
+        "tfserving", client, retry_budget_s=min(client.model_retry_budget_s, settings.api_request_deadline_s, batching.retry_max_backoff_s)
+    )
+    service = ScoringService(deadline_s=settings.api_request_deadline_s, unavailable_retry_after_s=batching.retry_max_backoff_s)
+    engine = ScoringEngine(
+        scorer,
+        settings=batching,
+        max_queued=settings.api_max_queued,
+        registry=metrics.registry,
+        probe=scorer.check_ready,  # type: ignore[attr-defined]
+        on_batch=service.deliver,
+    )
+    app = None
+    try:
+        app = build_app(engine, service=service, settings=settings, comments=comments, pubsub=pubsub, metrics=metrics)
+        engine.start()
+        config = uvicorn.Config(
+            app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="off",
+            access_log=False,  # ours (api.access) redacts keys and counts comments
+            log_config=None,
+            server_header=False,
+            timeout_graceful_shutdown=settings.api_shutdown_grace_s,
+        )
+        server = _Server(config, app)
+        host, port = sock.getsockname()[:2]
+        log.info("ESP API on http://%s:%d (page /, docs /docs, model server %s)", host, port, client.model_server)
+        server.run(sockets=[sock])
+    finally:
+        engine.stop(grace_s=settings.api_shutdown_grace_s)
+        if app is not None and app.feedback is not None:
+            app.feedback.close()
+        scorer.close()
+        sock.close()
+    log.info("ESP API stopped")
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, with /readyz turning 503 as soon as a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, app: ApiApp) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._app.shutting_down = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has stopped, which would kill the process
+        # before the engine drains; ESP finishes its batches and exits 0 by itself instead.
+        self._captured_signals.clear()
