@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 # How long past its deadline a request still waits for the engine's own answer (a 503 with the
 # reason) before answering 504 itself: the engine resolves at the deadline, this is only a guard.
 DEADLINE_MARGIN_S = 1.0
-LABELS_TTL_S = 5.0
 SHUTTING_DOWN = "shutting down"  # the engine's Unavailable reason once stop() began
 
 
@@ -66,8 +65,6 @@ class ScoringService:
         self.unavailable_retry_after_s = unavailable_retry_after_s
         self.queue_retry_after_s = queue_retry_after_s
         self._clock = clock
-        self._labels: tuple[str, ...] = ()
-        self._labels_until = 0.0
 
     def attach(self, engine: Any) -> ScoringService:
         self.engine = engine
@@ -86,20 +83,17 @@ class ScoringService:
     async def labels(self) -> tuple[str, ...]:
         """The labels of the model version being served, or () while the model has not answered.
 
-        Asking costs a GetModelMetadata call, so the answer is kept for LABELS_TTL_S: a new model
-        version with other labels is seen within that long.
+        The engine knows them for free from the last batch; only before the first one does asking
+        cost a GetModelMetadata call (off the event loop).
         """
-        now = self._clock()
-        if self._labels and now < self._labels_until:
-            return self._labels
+        if self.engine.answered_labels:  # the common case: no executor hop, no RPC
+            return self.engine.answered_labels
         loop = asyncio.get_running_loop()
         try:
-            labels = tuple(await loop.run_in_executor(None, self.engine.labels))
+            return tuple(await loop.run_in_executor(None, self.engine.labels))
         except Exception as exc:  # noqa: BLE001 - any failure means "not known now"; /readyz says why
             log.info("model labels unknown: %s", exc)
-            return self._labels
-        self._labels, self._labels_until = labels, now + LABELS_TTL_S
-        return labels
+            return ()
 
     async def score(self, comments: Sequence[Comment]) -> list[Outcome]:
         deadline = self._clock() + self.deadline_s

@@ -146,6 +146,7 @@ class ScoringEngine:
         self._batch_ids = itertools.count(1)
         self._dispatcher: threading.Thread | None = None
 
+        self._labels: tuple[str, ...] = ()
         self._state = threading.Lock()
         self._servable = threading.Event()  # set once the model first answered
         self._down_reason: str | None = None  # set while the model does not answer (after it first did)
@@ -190,8 +191,16 @@ class ScoringEngine:
             self._cond.notify()
         return job.future
 
+    @property
+    def answered_labels(self) -> tuple[str, ...]:
+        """The labels of the model version that answered last, without asking anyone; () before."""
+        return self._labels
+
     def labels(self) -> tuple[str, ...]:
-        """The labels of the model version the scorer talks to (from its signature), when it can say."""
+        """The labels of the model version that answered last (from its outputs, so free), or, before
+        any answer, what the scorer says its signature declares; () when it cannot say."""
+        if self._labels:
+            return self._labels
         labels = getattr(self.scorer, "labels", None)
         return tuple(labels()) if callable(labels) else ()
 
@@ -440,7 +449,10 @@ class ScoringEngine:
             isolated = [o for o in outcomes if isinstance(o, Rejected)]
             for outcome in isolated:
                 self.metrics.isolated.labels(outcome.error_type).inc()
-            version = next((o.score.model_version for o in outcomes if isinstance(o, Scored)), None)
+            first = next((o.score for o in outcomes if isinstance(o, Scored)), None)
+            version = first.model_version if first is not None else None
+            if first is not None:
+                self._labels = tuple(first.probabilities)
             log.debug(
                 "batch %d: %d comments in %.1f ms, %d isolated", batch_id, len(jobs), elapsed * 1000, len(isolated),
                 extra={"batch_id": batch_id, "model_version": version},

@@ -8,6 +8,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esp.contracts import (
     ATTR_BODY_BYTES,
@@ -50,6 +52,7 @@ from esp.contracts import (
     parse_score,
     pubsub_message_bytes,
 )
+from tests.fixtures.fuzz import examples
 
 VIOLATIONS = [
     (b'{"id": "a", "text": "x"', ErrorType.INVALID_JSON, "not JSON"),
@@ -374,3 +377,16 @@ def test_attributes_that_cannot_all_be_attributes_travel_in_an_envelope() -> Non
     _fits(data, attrs)
     back = DeadLetter.from_pubsub(data, attrs)
     assert back.attributes == full and back.kept == KEPT_BODY_CUT and back.body_bytes == 9_999_000
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(st.text(min_size=1, max_size=3000), st.integers(min_value=64, max_value=20_000))
+def test_fields_are_refused_for_size_exactly_when_their_json_body_is_too_large(text: str, limit: int) -> None:
+    # comment_from_fields skips encoding when a bound says the body must fit: the bound may never be wrong.
+    try:
+        comment = comment_from_fields("an-id", text, max_body_bytes=limit)
+    except InvalidComment as exc:
+        if exc.error_type == ErrorType.BODY_TOO_LARGE:
+            assert len(Comment("an-id", text).to_json_bytes()) > limit
+        return
+    assert len(comment.to_json_bytes()) <= limit
