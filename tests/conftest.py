@@ -7,3 +7,4 @@ pytest_plugins = [
     "tests.fixtures.worker",
     "tests.fixtures.trained_model",
 ]
+pytest_plugins.append("tests.fixtures.bigquery")
