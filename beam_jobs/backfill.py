@@ -484,7 +484,9 @@ def build(pipeline: beam.Pipeline, config: BackfillConfig) -> dict[str, beam.PCo
     interval = config.backfill.progress_interval_s
     plan = _plan_bigquery(config)
     if config.input:
-        lines = pipeline | "ReadFiles" >> beam.io.ReadFromText(config.input, coder=beam.coders.BytesCoder())
+        # Bytes, so a line that is not UTF-8 is the contract's to reject, not a crash. No validation
+        # at construction: preflight() checks the pattern, and a job graph builds offline.
+        lines = pipeline | "ReadFiles" >> beam.io.ReadFromText(config.input, coder=beam.coders.BytesCoder(), validate=False)
         valid = lines | "Validate" >> beam.ParDo(ValidateLine(config.max_body_bytes, interval)).with_outputs(
             DEAD_LETTERS, main="comments"
         )
