@@ -183,3 +183,15 @@ def test_flex_template_parameters_are_backfill_options() -> None:
     unknown = [n for n in names if n not in options and n not in beam_options]
     assert not unknown, f"metadata.json parameters that esp backfill does not take: {unknown}"
     assert all(p["helpText"] and p["label"] for p in spec["parameters"])
+
+
+def test_flex_template_parameters_become_esp_options() -> None:
+    from beam_jobs.flex_main import translate
+
+    options, flags = {"--bq-table", "--max-batch-size"}, {"--publish-scores"}
+    argv = ["--bq_table=p.d.t", "--publish_scores=false", "--max_batch_size=64", "--runner=DataflowRunner",
+            "--temp_location=gs://b/tmp", "--publish_scores=true"]
+    assert translate(argv, options, flags) == [
+        "--bq-table=p.d.t", "--no-publish-scores", "--max-batch-size=64", "--runner=DataflowRunner",
+        "--temp_location=gs://b/tmp", "--publish-scores",
+    ]
