@@ -79,12 +79,12 @@ def test_cli_reports_and_exits_nonzero_on_dead_letters(tmp_path: Path, test_mode
     result = subprocess.run(
         [sys.executable, "-m", "esp.cli.main", "backfill", "--input", str(tmp_path / "in.jsonl"),
          "--output", str(tmp_path / "out"), "--backend", "saved_model", "--saved-model-dir", str(test_model_base),
-         "--runner=DirectRunner"],
+         "--progress-interval-s", "0.001", "--runner=DirectRunner"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "read 11, scored 10, dead-lettered 1 in" in result.stdout
-    assert "backfill progress" in result.stderr or "backfill" in result.stderr
+    assert "backfill progress (pid" in result.stderr and "scored/s" in result.stderr, "progress while it runs"
 
 
 def test_invalid_utf8_line_is_dead_lettered_with_its_exact_bytes(tmp_path: Path, test_model_base: Path) -> None:
