@@ -585,9 +585,9 @@ class WriteRows(beam.DoFn):
         return [_one_output(name)]
 
     def teardown(self) -> None:
-        for client in (getattr(self, "_write", None),):
-            if client is not None:
-                client.transport.close()
+        write = getattr(self, "_write", None)
+        if write is not None:
+            write.transport.close()
         rest = getattr(self, "_rest", None)
         if rest is not None:
             rest.close()
