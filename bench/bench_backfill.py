@@ -149,7 +149,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s", ha="center", va="bottom")
     ax.set_ylabel("comments per second")
-    ax.set_title(f"Backfill vs the model alone: {result['ratio'] * 100:.0f}% "
+    ax.set_title(f"Backfill vs the model alone: {result['ratio'] * 100:.0f}%\n"
                  f"({result['backfill']['comments']:,} comments, {result['workers']} processes, shared 2-core machine)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
