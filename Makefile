@@ -13,7 +13,13 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-.PHONY: install system-packages demo test docs clean help data model bench
+.PHONY: install system-packages demo test docs clean help data model bench bqemulator bench-backfill
+
+# The BigQuery emulator lives in its own virtual environment (tests/fixtures/bigquery.py says why).
+BQEMU_VENV ?= .venv-bqemulator
+BQEMU_REQS := tests/fixtures/bqemulator-requirements.txt
+BQEMU_STAMP := $(BQEMU_VENV)/.installed-$(shell cat $(BQEMU_REQS) 2>/dev/null | cksum | cut -d' ' -f1)
+DUCKDB_EXT_DIR := $(BQEMU_VENV)/home/.duckdb/extensions
 
 help:
 	@echo "make demo     set up, then run ESP end to end locally (emulator, model server, worker)"
@@ -21,8 +27,9 @@ help:
 	@echo "make model    train the default model into models/bert/1 (about 10 minutes on 2 cores)"
 	@echo "make bench    the serving, worker and HTTP API benchmarks on the default model (docs/serving.md, docs/worker.md, docs/api.md)"
 	@echo "make docs     regenerate the README's configuration table"
+	@echo "make bench-backfill  the backfill benchmark on the default model (docs/backfill.md)"
 
-install: system-packages $(STAMP) $(CHECKOV_STAMP)
+install: system-packages $(STAMP) $(CHECKOV_STAMP) bqemulator
 
 # Debian packages some tests need (one per line in system-packages.txt); installed when missing, so a
 # fresh CI machine gets them. Without root, say which and stop.
@@ -49,6 +56,21 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 	rm -f $(CHECKOV_VENV)/.installed-*
+	touch $@
+
+# bqemulator's DuckDB loads the spatial extension at start-up; DuckDB looks for it under
+# $HOME/.duckdb/extensions/<version>/<platform>/, and the fixture runs the emulator with this HOME.
+bqemulator: $(BQEMU_STAMP)
+
+$(BQEMU_STAMP): $(BQEMU_REQS)
+	test -x $(BQEMU_VENV)/bin/python || $(PYTHON) -m venv $(BQEMU_VENV)
+	$(BQEMU_VENV)/bin/pip install --quiet --upgrade pip
+	$(BQEMU_VENV)/bin/pip install --quiet -r $(BQEMU_REQS)
+	$(BQEMU_VENV)/bin/python -c "import duckdb, duckdb_extension_spatial, pathlib, platform, shutil; \
+	  v = duckdb.__version__; src = pathlib.Path(duckdb_extension_spatial.__file__).parent / 'extensions' / f'v{v}' / 'spatial.duckdb_extension'; \
+	  plat = {'x86_64': 'linux_amd64', 'aarch64': 'linux_arm64'}[platform.machine()]; \
+	  dst = pathlib.Path('$(DUCKDB_EXT_DIR)') / f'v{v}' / plat; dst.mkdir(parents=True, exist_ok=True); shutil.copy(src, dst)"
+	rm -f $(BQEMU_VENV)/.installed-*
 	touch $@
 
 demo: install
@@ -79,5 +101,9 @@ bench: model
 docs: install
 	$(BIN)/esp config --update-readme README.md
 
+bench-backfill: model
+	$(BIN)/python bench/bench_backfill.py --model models/bert --comments 200000 \
+		--json docs/figures/backfill-bench.json --chart docs/figures/backfill-throughput.png
+
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(BQEMU_VENV) .pytest_cache

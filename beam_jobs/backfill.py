@@ -1,70 +1,315 @@
 """Backfill: re-score history in bulk with Beam, through the same scoring core as the worker.
 
-    comment files (JSONL, one message body per line; local or gs://)
-      -> validate with the comment contract (esp.contracts)  -> dead letters (JSONL, with reason)
+    comment files (JSONL message bodies; local or gs://)   or   a BigQuery table / query
+      -> validate with the comment contract (esp.contracts)    -> dead letters, with reason
+      -> Reshuffle (one file is one split; spreads the work over every worker)
       -> RunInference(ScorerModelHandler): TF Serving over gRPC, or the SavedModel in process
-      -> the same score records the stream publishes (JSONL)
+      -> the same score records the stream publishes
+      -> files, and/or a BigQuery scores table (staging + MERGE), and/or the scores topic
 
 The model handler wraps ESP's `Scorer` (STYLE.md point 3): batching comes from Beam, sized by the
 same max batch size as the worker, and bucketed by text length (Beam's batch_length_fn) so a batch
 pads less; a batch the model rejects is split by `score_isolating`, exactly as in the
-worker, and the rejected comment goes to the dead letters. DirectRunner locally (always named);
-on Dataflow pass the usual flags and `--setup_file=./setup.py` (docs/backfill.md).
+worker, and the rejected comment goes to the dead letters. Every DoFn holds only picklable
+configuration and builds its clients in `setup`, so the job runs on the multi-process DirectRunner
+and on Dataflow alike (docs/backfill.md).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime as dt
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_jobs import bigquery as bq
 from beam_jobs.options import pipeline_options
-
-from esp.contracts import Comment, InvalidComment, Score, Stage, parse_comment, rfc3339, utc_now
+from esp.contracts import Comment, ErrorType, InvalidComment, Score, Stage, comment_from_fields, parse_comment, utc_now
 from esp.scoring import Canary, Rejected, Scored, Scorer, score_isolating
-from esp.settings import ModelClientSettings
+from esp.settings import BackfillSettings, BigQuerySettings, ModelClientSettings, PubSubSettings
 
 log = logging.getLogger(__name__)
 
 SCORES = "scores"
 DEAD_LETTERS = "dead_letters"
+NAMESPACE = bq.METRICS_NAMESPACE
 # Text-length buckets (characters) for Beam's length-aware batching: comments of one bucket share
 # a batch. The shipped comments: median about 200 characters, 95th percentile about 1,300.
 LENGTH_BUCKETS = [64, 128, 256, 512, 1024]
+# Attributes added to the stream's own score attributes when the backfill publishes a score, so
+# consumers can tell the two apart (a subscription filter: `attributes.source = "backfill"`).
+ATTR_SOURCE = "source"
+SOURCE_BACKFILL = "backfill"
+ATTR_RUN = "backfill_run"
+# Most publishes one worker leaves unconfirmed before it waits: bounds memory and duplicates on retry.
+MAX_UNCONFIRMED_PUBLISHES = 5000
 
 
 @dataclasses.dataclass(frozen=True)
 class BackfillConfig:
-    input: str
-    output: str
+    """What to read, how to score, where to write. One source, at least one sink for scores."""
+
+    input: str | None = None  # JSONL files
+    output: str | None = None  # directory for scores-*.jsonl and dead-letters-*.jsonl
+    bq_table: str | None = None
+    bq_query: str | None = None
+    bq_scores_table: str | None = None
+    bq_dead_letters_table: str | None = None  # default: <scores table>_dead_letters
+    bq_staging_dataset: str | None = None  # default: the scores table's dataset
+    publish_scores: bool = False
     backend: str = "tfserving"  # or "saved_model"
     saved_model_dir: str | None = None
     client: ModelClientSettings = dataclasses.field(default_factory=ModelClientSettings)
     max_batch_size: int = 32
     max_body_bytes: int = 64 * 1024
+    bigquery: BigQuerySettings = dataclasses.field(default_factory=BigQuerySettings)
+    backfill: BackfillSettings = dataclasses.field(default_factory=BackfillSettings)
+    pubsub: PubSubSettings = dataclasses.field(default_factory=PubSubSettings)
+    run_id: str = dataclasses.field(default_factory=lambda: new_run_id())
 
     def __post_init__(self) -> None:
         # Backend and model options are checked where scorers are made (serving.scorers), once.
+        from esp.errors import ConfigError
+
         if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
+            raise ConfigError("max_batch_size must be at least 1")
+        sources = [s for s in (self.input, self.bq_table, self.bq_query) if s]
+        if len(sources) != 1:
+            raise ConfigError("give exactly one source: --input FILES, --bq-table TABLE or --bq-query SQL")
+        if not (self.output or self.bq_scores_table or self.publish_scores):
+            raise ConfigError("give somewhere to put the scores: --output DIR, --bq-scores-table TABLE and/or --publish-scores")
+        if self.bq_dead_letters_table and not self.bq_scores_table:
+            raise ConfigError("--bq-dead-letters-table goes with --bq-scores-table")
+        if not (self.output or self.bq_scores_table):
+            raise ConfigError("--publish-scores alone has nowhere for dead letters: add --output DIR or --bq-scores-table")
+
+    @property
+    def source_description(self) -> str:
+        if self.input:
+            return self.input
+        return self.bq_table or "query"
+
+
+def new_run_id() -> str:
+    """Sortable and unique: names the run's staging tables and marks its rows and messages."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:8]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadRow:
+    """A row the backfill could not score, with why; written to files or the dead-letters table."""
+
+    body: bytes
+    stage: str
+    error_type: str
+    reason: str
+    time: dt.datetime
+    id: str | None = None
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="backslashreplace")
+
+    def to_json_line(self) -> str:
+        record: dict[str, Any] = {
+            "body": self.text(),
+            "esp_stage": self.stage,
+            "esp_error_type": self.error_type,
+            "esp_reason": self.reason,
+            "esp_time": self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        if self.error_type == ErrorType.INVALID_UTF8:
+            # The text above is lossy for bytes that are not UTF-8; keep the exact bytes too.
+            record["body_base64"] = base64.b64encode(self.body).decode("ascii")
+        return json.dumps(record, ensure_ascii=False)
+
+    def to_row(self, run_id: str, source: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "body": self.text(),
+            "stage": self.stage,
+            "error_type": self.error_type,
+            "reason": self.reason,
+            "dead_lettered_at": self.time,
+            "run_id": run_id,
+            "source": source,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: per worker process, logged every few seconds; totals come from Beam's metrics.
+
+
+class _Progress:
+    """Counts of this process, logged at most every `interval_s`. Only for people reading logs."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._counts = {"read": 0, "scored": 0, "dead-lettered": 0}
+        self._start = time.monotonic()
+        self._last = self._start
+
+    def add(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[what] += n
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                return
+            self._last = now
+            counts = dict(self._counts)
+        rate = counts["scored"] / max(now - self._start, 1e-9)
+        log.info(
+            "backfill progress (pid %d): read %d, scored %d, dead-lettered %d, %.0f scored/s",
+            os.getpid(), counts["read"], counts["scored"], counts["dead-lettered"], rate,
+        )
+
+
+_progress_by_interval: dict[float, _Progress] = {}
+_progress_lock = threading.Lock()
+
+
+def _progress(interval_s: float) -> _Progress:
+    # One per worker process (not shared across processes, nothing depends on it but the log).
+    with _progress_lock:
+        if interval_s not in _progress_by_interval:
+            _progress_by_interval[interval_s] = _Progress(interval_s)
+        return _progress_by_interval[interval_s]
+
+
+class _Counted(beam.DoFn):
+    """Base of the DoFns that count rows: Beam counters (totals) plus the per-process progress log."""
+
+    def __init__(self, progress_interval_s: float) -> None:
+        self._interval = progress_interval_s
+
+    def setup(self) -> None:
+        self._progress = _progress(self._interval)
+        self._read = Metrics.counter(NAMESPACE, "rows_read")
+        self._scored = Metrics.counter(NAMESPACE, "scored")
+        self._dead = Metrics.counter(NAMESPACE, "dead_lettered")
+
+    def count(self, what: str) -> None:
+        {"read": self._read, "scored": self._scored, "dead-lettered": self._dead}[what].inc()
+        self._progress.add(what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every row goes through the comment contract (esp.contracts); nothing else decides.
+
+
+class ValidateLine(_Counted):
+    """A JSONL line (raw bytes) -> Comment, or a dead letter with the contract's reason."""
+
+    def __init__(self, max_body_bytes: int, progress_interval_s: float) -> None:
+        super().__init__(progress_interval_s)
+        self._max = max_body_bytes
+
+    def process(self, line: bytes) -> Iterator[Any]:
+        if not line.strip():
+            return
+        self.count("read")
+        try:
+            yield parse_comment(line, max_body_bytes=self._max)
+        except InvalidComment as exc:
+            self.count("dead-lettered")
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadRow(line, Stage.VALIDATE, exc.error_type, exc.reason, utc_now()))
+
+
+class ValidateRow(_Counted):
+    """A BigQuery row {"id", "text"} -> Comment, or a dead letter with the contract's reason.
+
+    An INT64 id is read as its decimal string (warehouse ids often are integers); every other
+    type is left for the contract to judge.
+    """
+
+    def __init__(self, max_body_bytes: int, progress_interval_s: float) -> None:
+        super().__init__(progress_interval_s)
+        self._max = max_body_bytes
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        self.count("read")
+        cid, text = row["id"], row["text"]
+        if isinstance(cid, int) and not isinstance(cid, bool):
+            cid = str(cid)
+        try:
+            yield comment_from_fields(cid, text, max_body_bytes=self._max)
+        except InvalidComment as exc:
+            self.count("dead-lettered")
+            body = json.dumps({"id": cid, "text": text}, ensure_ascii=False, default=str).encode("utf-8")
+            readable_id = cid if isinstance(cid, str) else None
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTERS, DeadRow(body, Stage.VALIDATE, exc.error_type, exc.reason, utc_now(), readable_id)
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
 
 
 def _text_length(comment: Comment) -> int:
     return len(comment.text)
 
 
+def _configure_tensorflow_threads(threads: int) -> None:
+    """Caps TensorFlow's thread pools in this worker process (before the model loads)."""
+    if not threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        # TensorFlow already ran an op in this process (e.g. the in-memory DirectRunner in a test).
+        log.debug("TensorFlow threads already configured in this process")
+
+
+def _local_model_dir(path: str) -> str:
+    """A local copy of a model on gs:// (or any Beam filesystem); local paths are used in place."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path:
+        return path
+    target = tempfile.mkdtemp(prefix="esp-model-")
+    base = path.rstrip("/")
+    for match in FileSystems.match([base + "/**"])[0].metadata_list:
+        rel = match.path[len(base) + 1 :]
+        dest = os.path.join(target, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with FileSystems.open(match.path) as src, open(dest, "wb") as out:
+            out.write(src.read())
+    log.info("copied the model from %s to %s", path, target)
+    return target
+
+
 class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
     """RunInference over ESP's Scorer; each result is a Score, or the Rejected reason for a comment."""
 
     def __init__(self, config: BackfillConfig) -> None:
+        # Fixed-size batches (a bundle's last one may be short). Beam's adaptive sizing starts at 1 and
+        # aims at a 5% fixed-cost share, which this model reaches with small batches, yet a BERT scores
+        # 3x faster per comment at 32 than at 1 (docs/DESIGN.md): measured here, adaptive batches ran
+        # the backfill at about half the model's throughput (docs/backfill.md).
         super().__init__(
-            min_batch_size=1,
+            min_batch_size=config.max_batch_size,
             max_batch_size=config.max_batch_size,
             batch_length_fn=_text_length,
             batch_bucket_boundaries=LENGTH_BUCKETS,
@@ -76,7 +321,11 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
         from serving.scorers import make_scorer
 
         cfg = self._config
-        return make_scorer(cfg.backend, cfg.client, saved_model_dir=cfg.saved_model_dir)
+        model_dir = cfg.saved_model_dir
+        if cfg.backend == "saved_model":
+            _configure_tensorflow_threads(cfg.backfill.tf_threads)
+            model_dir = _local_model_dir(model_dir) if model_dir else model_dir
+        return make_scorer(cfg.backend, cfg.client, saved_model_dir=model_dir)
 
     def run_inference(
         self, batch: Sequence[Comment], model: Scorer, inference_args: dict[str, Any] | None = None
@@ -87,71 +336,362 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
             yield PredictionResult(example=comment, inference=outcome.score if isinstance(outcome, Scored) else outcome)
 
     def get_metrics_namespace(self) -> str:
-        return "esp_backfill"
+        return NAMESPACE
 
 
-def _validate(line: str, max_body_bytes: int) -> Iterable[Any]:
-    body = line.encode("utf-8", errors="surrogateescape")
-    try:
-        yield parse_comment(body, max_body_bytes=max_body_bytes)
-    except InvalidComment as exc:
-        yield beam.pvalue.TaggedOutput(DEAD_LETTERS, _dead_letter(line, Stage.VALIDATE, exc.error_type, exc.reason))
+class SplitResults(_Counted):
+    def process(self, result: PredictionResult) -> Iterator[Any]:
+        if isinstance(result.inference, Score):
+            self.count("scored")
+            yield result.inference
+            return
+        comment: Comment = result.example
+        rejected: Rejected = result.inference
+        self.count("dead-lettered")
+        yield beam.pvalue.TaggedOutput(
+            DEAD_LETTERS,
+            DeadRow(comment.to_json_bytes(), Stage.SCORE, rejected.error_type, rejected.reason, utc_now(), comment.id),
+        )
 
 
-def _dead_letter(body: str, stage: str, error_type: str, reason: str) -> str:
-    # A file has no attributes: the dead letter is one JSON line with the original body and why.
-    return json.dumps(
-        {"body": body, "esp_stage": stage, "esp_error_type": error_type, "esp_reason": reason, "esp_time": rfc3339(utc_now())},
-        ensure_ascii=False,
+# ---------------------------------------------------------------------------------------------
+# Sinks
+
+
+def score_row(score: Score, run_id: str) -> dict[str, Any]:
+    """A Score as a row of the scores table: one column per label, in the model's order."""
+    return {
+        "id": score.id,
+        **{label: float(p) for label, p in score.probabilities.items()},
+        "flags": score.flags,
+        "truncated": score.truncated,
+        "model_name": score.model_name,
+        "model_version": score.model_version,
+        "scored_at": score.scored_at,
+        "run_id": run_id,
+    }
+
+
+def _columns_for_score_row(row: dict[str, Any]) -> list[bq.Column]:
+    labels = [k for k in row if k not in bq.SCORES_FIXED_COLUMNS]
+    return bq.scores_columns(labels)
+
+
+def _dead_letter_columns(_: dict[str, Any]) -> list[bq.Column]:
+    return list(bq.DEAD_LETTER_SCHEMA)
+
+
+def score_attributes(score: Score, run_id: str) -> dict[str, str]:
+    """The stream's score attributes, plus the two that mark a backfill's message."""
+    return {**score.attributes(), ATTR_SOURCE: SOURCE_BACKFILL, ATTR_RUN: run_id}
+
+
+class PublishScores(beam.DoFn):
+    """Publishes scores to the scores topic; a bundle finishes only once Pub/Sub confirmed all of it.
+
+    A failed bundle is retried whole, so a consumer may see a score twice: it dedupes on
+    (id, model version), as it already must for the stream (at-least-once).
+    """
+
+    def __init__(self, settings: PubSubSettings, run_id: str) -> None:
+        self._settings = settings
+        self._run_id = run_id
+
+    def setup(self) -> None:
+        from google.cloud.pubsub_v1.types import BatchSettings
+
+        from esp.pubsub import publisher_client
+
+        self._client = publisher_client(
+            self._settings, batch_settings=BatchSettings(max_messages=1000, max_bytes=4 * 1024 * 1024, max_latency=0.05)
+        )
+        self._topic = self._settings.topic_path(self._settings.scores_topic)
+        self._published = Metrics.counter(NAMESPACE, "published")
+
+    def start_bundle(self) -> None:
+        self._futures: list[Any] = []
+
+    def process(self, score: Score) -> None:
+        self._futures.append(self._client.publish(self._topic, score.to_json_bytes(), **score_attributes(score, self._run_id)))
+        if len(self._futures) >= MAX_UNCONFIRMED_PUBLISHES:
+            self._confirm()
+
+    def _confirm(self) -> None:
+        timeout = self._settings.pubsub_timeout_s * 4
+        for future in self._futures:
+            future.result(timeout=timeout)  # raises: the bundle fails and is retried
+        self._published.inc(len(self._futures))
+        self._futures = []
+
+    def finish_bundle(self) -> None:
+        self._confirm()
+
+    def teardown(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class _BigQueryPlan:
+    job_project: str
+    source: bq.BigQuerySource | None
+    sink: bq.SinkPlan | None
+
+
+def _plan_bigquery(config: BackfillConfig) -> _BigQueryPlan:
+    """Resolves table names (pure: no network, so the job graph can be built offline)."""
+    from esp.errors import ConfigError
+
+    default_project = config.bigquery.bigquery_project
+    scores = (
+        bq.TableRef.parse(config.bq_scores_table, default_project, what="--bq-scores-table") if config.bq_scores_table else None
     )
-
-
-def _split_result(result: PredictionResult) -> Iterable[Any]:
-    if isinstance(result.inference, Score):
-        yield result.inference.to_json_bytes().decode("utf-8")
-        return
-    comment: Comment = result.example
-    rejected: Rejected = result.inference
-    yield beam.pvalue.TaggedOutput(
-        DEAD_LETTERS,
-        _dead_letter(comment.to_json_bytes().decode("utf-8"), Stage.SCORE, rejected.error_type, rejected.reason),
-    )
+    table = bq.TableRef.parse(config.bq_table, default_project, what="--bq-table") if config.bq_table else None
+    job_project = default_project or (scores.project if scores else None) or (table.project if table else None)
+    staging = None
+    if config.bq_staging_dataset:
+        staging = bq.DatasetRef.parse(config.bq_staging_dataset, job_project)
+    elif scores is not None:
+        staging = bq.DatasetRef(scores.project, scores.dataset)
+    source = None
+    if config.bq_table or config.bq_query:
+        snapshot = None
+        if config.bq_query:
+            if staging is None or job_project is None:
+                raise ConfigError("--bq-query needs a dataset for its result: give --bq-scores-table or --bq-staging-dataset")
+            snapshot = staging.table(f"esp_backfill_{config.run_id}_source")
+        source = bq.BigQuerySource(
+            id_column=config.backfill.id_column,
+            text_column=config.backfill.text_column,
+            table=table,
+            query=config.bq_query,
+            materialize_to=snapshot,
+        )
+    sink = None
+    if scores is not None and staging is not None:
+        dead_spec = config.bq_dead_letters_table or f"{scores}_dead_letters"
+        dead = bq.TableRef.parse(dead_spec, scores.project, what="--bq-dead-letters-table")
+        sink = bq.SinkPlan(
+            scores=scores,
+            staging=staging.table(f"esp_backfill_{config.run_id}_scores"),
+            dead_letters=dead,
+            source_snapshot=source.materialize_to if source else None,
+        )
+    return _BigQueryPlan(job_project or "", source, sink)
 
 
 def build(pipeline: beam.Pipeline, config: BackfillConfig) -> dict[str, beam.PCollection]:
-    lines = pipeline | "Read" >> beam.io.ReadFromText(config.input)
-    valid = (
-        lines
-        | "SkipBlank" >> beam.Filter(lambda line: line.strip() != "")
-        | "Validate" >> beam.FlatMap(_validate, config.max_body_bytes).with_outputs(DEAD_LETTERS, main="comments")
-    )
+    interval = config.backfill.progress_interval_s
+    plan = _plan_bigquery(config)
+    if config.input:
+        # Bytes, so a line that is not UTF-8 is the contract's to reject, not a crash. No validation
+        # at construction: preflight() checks the pattern, and a job graph builds offline.
+        lines = pipeline | "ReadFiles" >> beam.io.ReadFromText(config.input, coder=beam.coders.BytesCoder(), validate=False)
+        valid = lines | "Validate" >> beam.ParDo(ValidateLine(config.max_body_bytes, interval)).with_outputs(
+            DEAD_LETTERS, main="comments"
+        )
+    else:
+        assert plan.source is not None
+        rows = (
+            pipeline
+            | "Source" >> beam.Create([plan.source])
+            | "PlanRead" >> beam.ParDo(bq.PlanRead(config.bigquery, plan.job_project, config.bigquery.bigquery_staging_expiration_h))
+            | "SpreadStreams" >> beam.Reshuffle()
+            | "ReadStreams" >> beam.ParDo(bq.ReadStream(config.bigquery, plan.source.id_column, plan.source.text_column))
+        )
+        valid = rows | "Validate" >> beam.ParDo(ValidateRow(config.max_body_bytes, interval)).with_outputs(
+            DEAD_LETTERS, main="comments"
+        )
     results = (
         valid.comments
+        # One file (or one stream) is read by one worker: spread the comments before the model.
+        | "Spread" >> beam.Reshuffle()
         | "Score" >> RunInference(ScorerModelHandler(config))
-        | "Split" >> beam.FlatMap(_split_result).with_outputs(DEAD_LETTERS, main=SCORES)
+        | "Split" >> beam.ParDo(SplitResults(interval)).with_outputs(DEAD_LETTERS, main=SCORES)
     )
+    scores = results[SCORES]
     dead = (valid[DEAD_LETTERS], results[DEAD_LETTERS]) | "AllDeadLetters" >> beam.Flatten()
-    results[SCORES] | "WriteScores" >> beam.io.WriteToText(f"{config.output}/scores", file_name_suffix=".jsonl")
-    dead | "WriteDeadLetters" >> beam.io.WriteToText(f"{config.output}/dead-letters", file_name_suffix=".jsonl")
-    return {SCORES: results[SCORES], DEAD_LETTERS: dead}
+
+    if config.output:
+        (scores | "ScoreJson" >> beam.Map(lambda s: s.to_json_bytes().decode("utf-8"))
+         | "WriteScores" >> beam.io.WriteToText(f"{config.output}/scores", file_name_suffix=".jsonl"))
+        (dead | "DeadLetterJson" >> beam.Map(DeadRow.to_json_line)
+         | "WriteDeadLetters" >> beam.io.WriteToText(f"{config.output}/dead-letters", file_name_suffix=".jsonl"))
+
+    if plan.sink is not None:
+        sink, settings, run_id = plan.sink, config.bigquery, config.run_id
+        score_streams = (
+            scores
+            | "ScoreRows" >> beam.Map(score_row, run_id)
+            | "WriteStaging" >> beam.ParDo(bq.WriteRows(
+                settings, plan.job_project, sink.staging, _columns_for_score_row, partition_field="scored_at",
+                clustering=(bq.MODEL_VERSION, bq.ID), expiration_h=settings.bigquery_staging_expiration_h, counter="staged"))
+        )
+        dead_streams = (
+            dead
+            | "DeadLetterRows" >> beam.Map(DeadRow.to_row, run_id, config.source_description)
+            | "WriteDeadLetterRows" >> beam.ParDo(bq.WriteRows(
+                settings, plan.job_project, sink.dead_letters, _dead_letter_columns, partition_field="dead_lettered_at",
+                counter="dead_letter_rows"))
+        )
+        (
+            pipeline
+            | "FinalizeTrigger" >> beam.Create([None])
+            | "CommitAndMerge" >> beam.ParDo(
+                bq.Finalize(settings, plan.job_project, sink),
+                beam.pvalue.AsList(score_streams),
+                beam.pvalue.AsList(dead_streams),
+            )
+        )
+    elif plan.source is not None and plan.source.materialize_to is not None:
+        log.info("the query's result table %s expires by itself", plan.source.materialize_to)
+
+    if config.publish_scores:
+        scores | "PublishScores" >> beam.ParDo(PublishScores(config.pubsub, config.run_id))
+    return {SCORES: scores, DEAD_LETTERS: dead}
 
 
-def run(config: BackfillConfig, beam_args: Sequence[str] = ()) -> None:
+@dataclasses.dataclass
+class Summary:
+    read: int = 0
+    scored: int = 0
+    dead_lettered: int = 0
+    published: int = 0
+    merged: int = 0
+    seconds: float = 0.0
+    submitted_only: bool = False  # a job description was written (template), nothing ran here
+
+    @property
+    def rate(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.submitted_only:
+            return "job description written; nothing ran here"
+        parts = [f"read {self.read}", f"scored {self.scored}", f"dead-lettered {self.dead_lettered}"]
+        if self.published:
+            parts.append(f"published {self.published}")
+        if self.merged:
+            parts.append(f"merged {self.merged}")
+        return ", ".join(parts) + f" in {self.seconds:.1f}s ({self.rate:,.0f} scored/s)"
+
+
+def _counter(result: Any, name: str) -> int:
+    total = 0
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))["counters"]:
+        total += counter.committed or 0
+    return total
+
+
+def run(config: BackfillConfig, beam_args: Sequence[str] = ()) -> Summary:
     """Runs the backfill to completion (DirectRunner unless `beam_args` name another runner)."""
     options: PipelineOptions = pipeline_options(beam_args)
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config)
+    start = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, config)
+    result = pipeline.run()
+    if any(a.startswith("--template_location") for a in beam_args):
+        return Summary(submitted_only=True, seconds=time.monotonic() - start)
+    result.wait_until_finish()
+    summary = Summary(
+        read=_counter(result, "rows_read"),
+        scored=_counter(result, "scored"),
+        dead_lettered=_counter(result, "dead_lettered"),
+        published=_counter(result, "published"),
+        merged=_counter(result, "merged"),
+        seconds=time.monotonic() - start,
+    )
+    log.info("backfill %s finished: %s", config.run_id, summary.line())
+    return summary
 
 
-def summarize(output: str) -> tuple[int, int]:
-    """(scores, dead letters) written under `output`, counted from the files."""
-    from apache_beam.io.filesystems import FileSystems
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: a wrong name or an unreachable service is one line before the job starts.
 
-    def count(prefix: str) -> int:
-        total = 0
-        for match in FileSystems.match([f"{output}/{prefix}*"])[0].metadata_list:
-            with FileSystems.open(match.path) as f:
-                total += sum(1 for line in f.read().splitlines() if line.strip())
-        return total
 
-    return count("scores"), count("dead-letters")
+def preflight(config: BackfillConfig) -> None:
+    """Checks that the inputs exist and the services answer; raises EspError/ConfigError with the reason."""
+    from esp.errors import ConfigError
+
+    if config.input:
+        from apache_beam.io.filesystems import FileSystems
+
+        if not FileSystems.match([config.input])[0].metadata_list:
+            raise ConfigError(f"--input {config.input!r} matches no file")
+    plan = _plan_bigquery(config)
+    if plan.source is not None or plan.sink is not None:
+        _check_bigquery(config, plan)
+    if config.publish_scores:
+        _check_topic(config.pubsub)
+
+
+def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
+    from google.api_core import exceptions as gexc
+    from google.api_core.retry import Retry
+
+    from esp.errors import ConfigError, EspError, ServiceUnreachable
+
+    client = bq.rest_client(config.bigquery, plan.job_project)
+    # Short: a pre-flight that retries for the client's default ten minutes helps nobody.
+    quick = {"retry": Retry(deadline=20.0), "timeout": 10.0}
+    where = config.bigquery.bigquery_api_endpoint or "BigQuery"
+    try:
+        source = plan.source
+        if source is not None and source.table is not None:
+            table = client.get_table(str(source.table), **quick)
+            names = {f.name for f in table.schema}
+            missing = [c for c in (source.id_column, source.text_column) if c not in names]
+            if missing:
+                raise ConfigError(
+                    f"table {source.table} has no column {', '.join(missing)} (it has: {', '.join(sorted(names))}); "
+                    "see --id-column / --text-column"
+                )
+        datasets = {(t.project, t.dataset) for t in _tables_written(plan)}
+        for project, dataset in sorted(datasets):
+            client.get_dataset(f"{project}.{dataset}", **quick)
+        if plan.sink is not None:
+            try:
+                scores = client.get_table(str(plan.sink.scores), **quick)
+            except gexc.NotFound:
+                scores = None
+            if scores is not None:
+                types = {f.name: bq._canonical_type(f.field_type) for f in scores.schema}
+                if types.get(bq.ID) != "STRING" or types.get(bq.MODEL_VERSION) != "INT64":
+                    raise ConfigError(
+                        f"{plan.sink.scores} exists but is not a scores table (needs id STRING and model_version INT64)"
+                    )
+    except gexc.NotFound as exc:
+        raise ConfigError(f"BigQuery: {exc.message}") from None
+    except gexc.GoogleAPICallError as exc:
+        raise EspError(f"BigQuery at {where}: {exc.message}") from None
+    except (gexc.RetryError, OSError) as exc:
+        raise ServiceUnreachable(f"cannot reach BigQuery at {where}: {exc}") from None
+    finally:
+        client.close()
+
+
+def _tables_written(plan: _BigQueryPlan) -> list[bq.TableRef]:
+    tables = []
+    if plan.sink is not None:
+        tables += [plan.sink.scores, plan.sink.staging, plan.sink.dead_letters]
+    if plan.source is not None and plan.source.materialize_to is not None:
+        tables.append(plan.source.materialize_to)
+    return tables
+
+
+def _check_topic(settings: PubSubSettings) -> None:
+    from esp.pubsub import check_reachable, publisher_client, translate_errors
+
+    check_reachable(settings)
+    client = publisher_client(settings)
+    topic = settings.topic_path(settings.scores_topic)
+    try:
+        with translate_errors(settings, f"checking the scores topic {topic}"):
+            client.get_topic(request={"topic": topic}, timeout=settings.pubsub_timeout_s)
+    finally:
+        client.stop()

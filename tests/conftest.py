@@ -9,3 +9,4 @@ pytest_plugins = [
     "tests.fixtures.fuzz",
     "tests.fixtures.api",
 ]
+pytest_plugins.append("tests.fixtures.bigquery")

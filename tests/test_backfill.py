@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_jobs.backfill import BackfillConfig, run, summarize
+from beam_jobs.backfill import BackfillConfig, run
 from esp.settings import ModelClientSettings
 from serving.saved_model import SavedModelScorer
 from tests.fixtures.models import export_test_model
@@ -44,7 +44,7 @@ def test_backfill_through_tf_serving_matches_the_model(tmp_path: Path, model_ser
         client=ModelClientSettings(model_server=model_server.target),
         max_batch_size=16,
     )
-    run(config)
+    summary = run(config)
     scores = {r["id"]: r for r in _read(tmp_path / "out", "scores")}
     assert set(scores) == set(comments)
     expected = _expected(test_model_base, comments)
@@ -56,7 +56,7 @@ def test_backfill_through_tf_serving_matches_the_model(tmp_path: Path, model_ser
         ("validate", "invalid_id"), ("validate", "invalid_json"), ("validate", "missing_text"),
     ]
     assert {d["body"] for d in dead} == set(POISON)
-    assert summarize(str(tmp_path / "out")) == (120, 3)
+    assert (summary.read, summary.scored, summary.dead_lettered) == (123, 120, 3)
 
 
 def test_backfill_in_process_isolates_a_rejected_comment(tmp_path: Path) -> None:
@@ -79,8 +79,42 @@ def test_cli_reports_and_exits_nonzero_on_dead_letters(tmp_path: Path, test_mode
     result = subprocess.run(
         [sys.executable, "-m", "esp.cli.main", "backfill", "--input", str(tmp_path / "in.jsonl"),
          "--output", str(tmp_path / "out"), "--backend", "saved_model", "--saved-model-dir", str(test_model_base),
-         "--runner=DirectRunner"],
+         "--progress-interval-s", "0.001", "--runner=DirectRunner"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "scored 10, dead-lettered 1" in result.stdout
+    assert "read 11, scored 10, dead-lettered 1 in" in result.stdout
+    assert "backfill progress (pid" in result.stderr and "scored/s" in result.stderr, "progress while it runs"
+
+
+def test_invalid_utf8_line_is_dead_lettered_with_its_exact_bytes(tmp_path: Path, test_model_base: Path) -> None:
+    import base64
+
+    _write_input(tmp_path / "in.jsonl", 5)
+    bad = b'{"id": "u1", "text": "caf\xe9"}'
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(bad + b"\n\n")
+    summary = run(BackfillConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), backend="saved_model",
+                                 saved_model_dir=str(test_model_base)))
+    assert (summary.read, summary.scored, summary.dead_lettered) == (6, 5, 1)
+    (dead,) = _read(tmp_path / "out", "dead-letters")
+    assert dead["esp_error_type"] == "invalid_utf8"
+    assert base64.b64decode(dead["body_base64"]) == bad
+
+
+def test_cli_refuses_bad_combinations_in_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["--output", str(tmp_path)], "exactly one source"),
+        (["--input", str(tmp_path / "none-*.jsonl"), "--output", str(tmp_path)], "matches no file"),
+        (["--input", "x.jsonl", "--bq-table", "p1.d.t", "--output", str(tmp_path)], "exactly one source"),
+        (["--input", "x.jsonl"], "somewhere to put the scores"),
+        (["--input", "x.jsonl", "--publish-scores"], "nowhere for dead letters"),
+        (["--bq-query", "SELECT 1", "--output", str(tmp_path), "--bigquery-project", "my-proj"], "dataset for its result"),
+        (["--bq-table", "not-a-table", "--output", str(tmp_path)], "PROJECT.DATASET.TABLE"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "-m", "esp.cli.main", "backfill", *args, "--backend", "saved_model",
+                                 "--saved-model-dir", str(tmp_path), "--runner=DirectRunner"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])

@@ -14,8 +14,10 @@ from esp.settings.pubsub import PubSubSettings
 from esp.settings.serving import ModelClientSettings, ModelServerSettings
 from esp.settings.worker import WorkerSettings
 from esp.settings.training import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings
+from esp.settings.backfill import BackfillSettings, BigQuerySettings
 
 ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, BatchingSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
+ALL_GROUPS += [BigQuerySettings, BackfillSettings]
 
 __all__ = [
     "ALL_GROUPS",
@@ -36,6 +38,8 @@ __all__ = [
     "from_env",
     "setting",
     "WorkerSettings",
+    "BackfillSettings",
+    "BigQuerySettings",
 ]
 
 # The HTTP API (`esp api`, issue 11).

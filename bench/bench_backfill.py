@@ -1,0 +1,205 @@
+"""Benchmark the Beam backfill against the model's own in-process throughput, in one run.
+
+Texts are the shipped Jigsaw comments, repeated under new ids up to --comments (200,000 by default),
+written as one JSONL file. Measured, one after the other on the same texts:
+
+1. raw: the SavedModel in --workers processes, one TensorFlow thread each, scoring the distinct texts
+   in batches of --batch-size grouped by length as Beam groups them (the model alone, no Beam);
+2. the backfill: `beam_jobs.backfill.run` on the multi-process DirectRunner (--workers processes,
+   TensorFlow intra/inter-op threads 1 per process, a Reshuffle after reading since one file is one
+   split), the in-process backend, scores and dead letters to files. The rate counts the whole run,
+   start-up included; CPU-seconds are this process and its worker processes together.
+
+Then a cost model: CPU-seconds per 1,000 comments, and per million comments on Dataflow for a
+machine type and prices given on the command line (no price is built in).
+
+    python bench/bench_backfill.py --model models/bert --comments 200000 --json out.json --chart out.png
+    python bench/bench_backfill.py --model models/bert --vcpu-hour-usd 0.056 --gb-hour-usd 0.003557 --machine-vcpus 4 --machine-gb 15
+
+docs/backfill.md records a run and its command; figures compare only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+DATA = REPO_ROOT / "data" / "jigsaw" / "jigsaw_trainsplit_union.csv.gz"
+BUCKETS = [64, 128, 256, 512, 1024]  # beam_jobs.backfill.LENGTH_BUCKETS
+
+
+def distinct_texts() -> list[str]:
+    csv.field_size_limit(10_000_000)
+    seen: dict[str, None] = {}
+    with gzip.open(DATA, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            text = row["comment_text"]
+            if text.strip():
+                seen.setdefault(text, None)
+    return list(seen)
+
+
+def write_input(path: Path, texts: list[str], n: int) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"b{i:09d}", "text": texts[i % len(texts)]}, ensure_ascii=False) + "\n")
+
+
+def length_batches(texts: list[str], batch_size: int) -> list[list[str]]:
+    """Batches of one length bucket each, as Beam's batch_length_fn + bucket boundaries form them."""
+    by_bucket: dict[int, list[str]] = {}
+    for text in texts:
+        bucket = next((i for i, b in enumerate(BUCKETS) if len(text) < b), len(BUCKETS))
+        by_bucket.setdefault(bucket, []).append(text)
+    batches = []
+    for group in by_bucket.values():
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def _raw_worker(model: str, batches: list[list[str]], start: Any, out: Any) -> None:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from serving.saved_model import SavedModelScorer
+
+    scorer = SavedModelScorer(model)
+    scorer.predict(batches[0])  # warm up outside the timing
+    start.wait()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    n = 0
+    for batch in batches:
+        scorer.predict(batch)
+        n += len(batch)
+    out.put((n, time.perf_counter() - t0, time.process_time() - cpu0))
+
+
+def raw_throughput(model: str, texts: list[str], batch_size: int, workers: int) -> dict[str, float]:
+    batches = length_batches(texts, batch_size)
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(workers + 1), ctx.Queue()
+    procs = [ctx.Process(target=_raw_worker, args=(model, batches[i::workers], start, out)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    start.wait()
+    results = [out.get(timeout=3600) for _ in procs]
+    for p in procs:
+        p.join()
+    n = sum(r[0] for r in results)
+    seconds = max(r[1] for r in results)
+    cpu = sum(r[2] for r in results)
+    return {"comments": n, "seconds": seconds, "comments_per_s": n / seconds, "cpu_s_per_1000": cpu / n * 1000}
+
+
+def _cpu_now() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def backfill_throughput(model: str, input_path: Path, out_dir: Path, batch_size: int, workers: int) -> dict[str, float]:
+    from beam_jobs.backfill import BackfillConfig, run
+    from esp.settings import BackfillSettings
+
+    config = BackfillConfig(
+        input=str(input_path), output=str(out_dir), backend="saved_model", saved_model_dir=model,
+        max_batch_size=batch_size, backfill=BackfillSettings(tf_threads=1, progress_interval_s=15),
+    )
+    cpu0 = _cpu_now()
+    summary = run(config, ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"])
+    cpu = _cpu_now() - cpu0
+    return {
+        "comments": summary.scored, "dead_lettered": summary.dead_lettered, "seconds": summary.seconds,
+        "comments_per_s": summary.rate, "cpu_s_per_1000": cpu / max(summary.scored, 1) * 1000,
+    }
+
+
+def cost_per_million(cpu_s_per_1000: float, *, vcpu_hour_usd: float, gb_hour_usd: float, machine_vcpus: int, machine_gb: float) -> float:
+    """Dollars per million comments on workers kept busy: vCPU-hours plus their share of memory."""
+    vcpu_hours = cpu_s_per_1000 * 1000 / 3600
+    per_vcpu_hour = vcpu_hour_usd + gb_hour_usd * machine_gb / machine_vcpus
+    return vcpu_hours * per_vcpu_hour
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["model alone\n(in process)", "backfill\n(multi-process DirectRunner)"]
+    values = [result["raw"]["comments_per_s"], result["backfill"]["comments_per_s"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, values, color=["#888888", "#1f77b4"])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s", ha="center", va="bottom")
+    ax.set_ylabel("comments per second")
+    ax.set_title(f"Backfill vs the model alone: {result['ratio'] * 100:.0f}%\n"
+                 f"({result['backfill']['comments']:,} comments, {result['workers']} processes, shared 2-core machine)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(REPO_ROOT / "models" / "bert"), help="TF Serving base path of the model")
+    parser.add_argument("--comments", type=int, default=200_000, help="comments through the backfill")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (and raw-model processes)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--chart", type=Path, help="write a PNG here")
+    parser.add_argument("--vcpu-hour-usd", type=float, help="price of one worker vCPU-hour (e.g. Dataflow batch)")
+    parser.add_argument("--gb-hour-usd", type=float, help="price of one worker GB-hour of memory")
+    parser.add_argument("--machine-vcpus", type=int, default=4, help="vCPUs of the worker machine type")
+    parser.add_argument("--machine-gb", type=float, default=15.0, help="memory of the worker machine type, GB")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    texts = distinct_texts()
+    print(f"{len(texts):,} distinct shipped comments; backfill of {args.comments:,} (repeated under new ids)", flush=True)
+    raw = raw_throughput(args.model, texts, args.batch_size, args.workers)
+    print(f"raw model, {args.workers} processes x 1 thread: {raw['comments_per_s']:,.0f} comments/s, "
+          f"{raw['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
+    with tempfile.TemporaryDirectory(prefix="esp-bench-backfill-") as tmp:
+        input_path = Path(tmp) / "comments.jsonl"
+        write_input(input_path, texts, args.comments)
+        backfill = backfill_throughput(args.model, input_path, Path(tmp) / "out", args.batch_size, args.workers)
+    ratio = backfill["comments_per_s"] / raw["comments_per_s"]
+    print(f"backfill: {backfill['comments']:,} comments in {backfill['seconds']:.1f}s = {backfill['comments_per_s']:,.0f} comments/s "
+          f"({ratio * 100:.0f}% of the model alone), {backfill['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
+    result: dict[str, Any] = {
+        "model": args.model, "workers": args.workers, "batch_size": args.batch_size, "distinct_texts": len(texts),
+        "raw": raw, "backfill": backfill, "ratio": ratio, "cpus": os.cpu_count(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if args.vcpu_hour_usd is not None and args.gb_hour_usd is not None:
+        price = dict(vcpu_hour_usd=args.vcpu_hour_usd, gb_hour_usd=args.gb_hour_usd,
+                     machine_vcpus=args.machine_vcpus, machine_gb=args.machine_gb)
+        result["cost_per_million_usd"] = cost_per_million(backfill["cpu_s_per_1000"], **price)
+        result["price"] = price
+        print(f"cost per million comments: ${result['cost_per_million_usd']:.4f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart:
+        chart(result, args.chart)
+
+
+if __name__ == "__main__":
+    main()
