@@ -496,7 +496,10 @@ def build(pipeline: beam.Pipeline, config: BackfillConfig) -> dict[str, beam.PCo
             DEAD_LETTERS, main="comments"
         )
     else:
-        assert plan.source is not None
+        if plan.source is None:
+            from esp.errors import ConfigError
+
+            raise ConfigError("the plan has neither input files nor a BigQuery source")
         rows = (
             pipeline
             | "Source" >> beam.Create([plan.source])

@@ -26,7 +26,8 @@ def demo(timeout_s: float, keep_running: bool) -> None:
 
         write_scores(result)
         click.echo(render(result))
-        assert result.api is not None
+        if result.api is None:
+            raise click.ClickException("--keep-running needs the API, and the demo did not start it")
         click.secho(f"The local stack is up: open {result.api.url}/ for the page, {result.api.url}/docs for the API. "
                     "Press Ctrl-C to stop it.", bold=True)
         try:
