@@ -147,6 +147,9 @@ def test_loads_a_google_format_tf_checkpoint(tmp_path: Path) -> None:
 def test_pretrained_path_errors_are_one_line(tmp_path: Path) -> None:
     from training.pretrained import PretrainedError, load_pretrained
 
+    with pytest.raises(PretrainedError, match="not a Hugging Face BERT"):
+        load_pretrained(tmp_path)
+    (tmp_path / "bert_config.json").write_text("{}")
     with pytest.raises(PretrainedError, match="no vocabulary"):
         load_pretrained(tmp_path)
 
