@@ -129,12 +129,16 @@ def evaluate(
         t0 = time.monotonic()
         tfidf_word = tfidf_logreg(train.texts, train.labels, test.texts, variant="word")["eval"]
         result["tfidf_logreg_word"] = {"variant": "word 1-2-grams, sublinear TF, C=4", **label_metrics(labels, test.labels, tfidf_word, weights), "fit_seconds": round(time.monotonic() - t0, 1)}
-        pc = profanity_check_scores(test.texts)
-        pc_matrix = np.repeat(pc[:, None], len(labels), axis=1)
-        result["profanity_check"] = {"caveat": PROFANITY_CHECK_CAVEAT, **label_metrics(labels, test.labels, pc_matrix, weights)}
-        curves.update({"tfidf_logreg": tfidf, "profanity_check": pc_matrix})
+        curves["tfidf_logreg"] = tfidf
+        # A profanity score says nothing about another task's labels (a model from `esp train
+        # --label-columns ...` on other data): compare it only where there is a toxic label.
+        if "toxic" in labels:
+            pc = profanity_check_scores(test.texts)
+            pc_matrix = np.repeat(pc[:, None], len(labels), axis=1)
+            result["profanity_check"] = {"caveat": PROFANITY_CHECK_CAVEAT, **label_metrics(labels, test.labels, pc_matrix, weights)}
+            curves["profanity_check"] = pc_matrix
         result["model_minus_tfidf_mean_roc_auc"] = result["model"]["mean_roc_auc"] - result["tfidf_logreg"]["mean_roc_auc"]
-    if sample_path and Path(sample_path).is_file():
+    if sample_path and Path(sample_path).is_file() and "toxic" in labels:
         result["demo_check"] = demo_check(version_dir, sample_path)
     plot_roc_curves(labels, test.labels, curves, report / "roc_curves.png")
     if history:
@@ -214,7 +218,9 @@ def render_markdown(result: dict, info: dict) -> str:
     labels = info["labels"]
     systems = [("model", "ESP model")]
     if "tfidf_logreg" in result:
-        systems += [("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg"), ("profanity_check", "alt-profanity-check*")]
+        systems += [("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg")]
+    if "profanity_check" in result:
+        systems.append(("profanity_check", "alt-profanity-check*"))
     lines = [
         f"# Evaluation report: {info.get('profile', {}).get('name', '?') if isinstance(info.get('profile'), dict) else info.get('profile')}",
         "",

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "backfill": "esp.cli.backfill_cmd:backfill",
     "serve": "esp.cli.serve_cmd:serve",
     "score": "esp.cli.serve_cmd:score",
+    "pretrained": "esp.cli.pretrained_cmd:pretrained",
 }
 
 

@@ -12,9 +12,9 @@ from esp.settings.logs import LogSettings
 from esp.settings.pubsub import PubSubSettings
 from esp.settings.serving import ModelClientSettings, ModelServerSettings
 from esp.settings.worker import WorkerSettings
-from esp.settings.training import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings
+from esp.settings.training import DataSettings, PrepareDataSettings, PretrainedSettings, ReportSettings, TrainSettings
 
-ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
+ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings, PretrainedSettings]
 
 __all__ = [
     "ALL_GROUPS",
@@ -25,6 +25,7 @@ __all__ = [
     "ModelClientSettings",
     "ModelServerSettings",
     "PrepareDataSettings",
+    "PretrainedSettings",
     "PubSubSettings",
     "ReportSettings",
     "TrainSettings",
