@@ -25,6 +25,10 @@ import numpy as np
 from training import metrics as M
 
 
+class NotComparable(ValueError):
+    """The two models cannot be compared on these rows (other labels, other rows)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
     """mean ROC AUC of B minus that of A on the same rows, with a bootstrap confidence interval."""
@@ -88,7 +92,7 @@ def paired_bootstrap(
     p_a = np.asarray(p_a, dtype=np.float64)
     p_b = np.asarray(p_b, dtype=np.float64)
     if y.ndim != 2 or p_a.shape != y.shape or p_b.shape != y.shape:
-        raise ValueError(f"need the same rows and labels for both models: y {y.shape}, A {p_a.shape}, B {p_b.shape}")
+        raise NotComparable(f"need the same rows and labels for both models: y {y.shape}, A {p_a.shape}, B {p_b.shape}")
     if not np.isfinite(p_a).all() or not np.isfinite(p_b).all():
         raise ValueError("probabilities must be finite")
     if resamples < 1 or not 0.0 < confidence < 1.0:

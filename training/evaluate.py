@@ -83,7 +83,11 @@ def evaluate(
     history: list[dict] | None = None,
     sample_path: str | Path | None = None,
     progress: bool = False,
+    compare_with: str | Path | None = None,
+    resamples: int = 2000,
 ) -> dict:
+    """`compare_with`: another exported model, scored on the same test rows; the result then holds
+    the paired bootstrap interval of (this model - that one) in mean ROC AUC."""
     from training import records
     from training.baselines import profanity_check_scores, tfidf_logreg
     from training.export import read_model_info
@@ -121,6 +125,18 @@ def evaluate(
             "test_recall_natural": rec,
         }
     curves = {"model": probs}
+    if compare_with is not None:
+        from training.compare import NotComparable, paired_bootstrap
+
+        other_labels, other, _ = score_saved_model(compare_with, test.texts, progress=progress)
+        missing = [l for l in labels if l not in other_labels]
+        if missing:
+            raise NotComparable(f"{compare_with} has no output for {', '.join(missing)}: it is another task")
+        other = other[:, [other_labels.index(l) for l in labels]]
+        d = paired_bootstrap(test.labels, other, probs, resamples=resamples)
+        result["compared_with"] = {"version_dir": str(compare_with), "mean_roc_auc": d.mean_auc_a, "difference": d.difference,
+                                   "low": d.low, "high": d.high, "confidence": d.confidence, "resamples": d.resamples,
+                                   "share_not_better": d.share_not_better}
     if baselines:
         train = records.read_split(data_dir, "train", len(labels))
         t0 = time.monotonic()
@@ -249,5 +265,9 @@ def render_markdown(result: dict, info: dict) -> str:
     if "demo_check" in result:
         d = result["demo_check"]
         lines += ["", f"Demo check: of the {d['top']} sample comments scored most toxic, {d['labelled_toxic']} are labelled toxic."]
+    if "compared_with" in result:
+        c = result["compared_with"]
+        lines += ["", f"Against {c['version_dir']} (mean ROC AUC {c['mean_roc_auc']:.4f}) on the same test rows: "
+                  f"{c['difference']:+.4f}, {c['confidence']:.0%} CI [{c['low']:+.4f}, {c['high']:+.4f}] (paired bootstrap, {c['resamples']} resamples)."]
     lines += ["", "Figures: `roc_curves.png`, `training_curves.png`. All numbers: `metrics.json`.", ""]
     return "\n".join(lines)

@@ -149,28 +149,36 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
 @click.command()
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="An exported version directory (<base>/<version>/) or a base path (the highest version is used).")
+@click.option("--compare-with", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Another exported model (version or base directory): the paired bootstrap 95% CI of the difference in mean ROC AUC on the same test rows.")
 @click_options(DataSettings)
 @click_options(ReportSettings)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def evaluate(model_dir: str, no_progress: bool, **options: object) -> None:
+def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **options: object) -> None:
     """Evaluate an exported model on the held-out test split, beside TF-IDF and alt-profanity-check."""
     data = build(DataSettings, options)
     rs = build(ReportSettings, options)
-    path = Path(model_dir)
-    if not (path / "saved_model.pb").is_file():
-        versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()))
-        if not versions:
-            raise click.BadParameter(f"{model_dir} holds no SavedModel version", param_hint="--model-dir")
-        path = path / str(versions[-1])
+    from esp.scoring import ModelNotFound
+    from serving.saved_model import resolve_version_dir
+    from training.compare import NotComparable
     from training.evaluate import evaluate as run_evaluate
     from training.pipeline import DEFAULT_SAMPLE
 
     try:
+        path, _ = resolve_version_dir(model_dir)
+        other = resolve_version_dir(compare_with)[0] if compare_with else None
+    except ModelNotFound as exc:
+        raise click.BadParameter(str(exc), param_hint="--model-dir/--compare-with") from None
+    try:
         result = run_evaluate(path, data.data_dir, rs.report_dir, baselines=rs.baselines, natural_prevalence=rs.natural_toxic_prevalence,
-                              sample_path=DEFAULT_SAMPLE, progress=not no_progress)
-    except FileNotFoundError as exc:
+                              sample_path=DEFAULT_SAMPLE, progress=not no_progress, compare_with=other)
+    except (FileNotFoundError, NotComparable) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"{path}: test mean ROC AUC {result['model']['mean_roc_auc']:.4f} on {result['test_rows']} comments")
+    if "compared_with" in result:
+        c = result["compared_with"]
+        click.echo(f"minus {c['version_dir']} ({c['mean_roc_auc']:.4f}): {c['difference']:+.4f}, 95% CI [{c['low']:+.4f}, {c['high']:+.4f}] "
+                   f"(paired bootstrap on the same rows, {c['resamples']} resamples)")
     for key, name in (("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg"), ("profanity_check", "alt-profanity-check (optimistic: trained on Jigsaw)")):
         if key in result:
             click.echo(f"{name}: {result[key]['mean_roc_auc']:.4f}")

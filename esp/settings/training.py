@@ -136,7 +136,7 @@ class TrainSettings:
     )
     threads: int = setting(0, env="ESP_TRAIN_THREADS", help="TensorFlow intra/inter-op threads (0 = TensorFlow's choice).")
     cache_dir: str | None = setting(
-        None, env="ESP_CACHE_DIR", help="Cache for the unpacked vocabulary and teachers' soft targets; unset means <repo>/.cache/esp."
+        None, env="ESP_CACHE_DIR", help="Cache for the unpacked vocabulary, teachers' soft targets and fitted wide parts; unset means <repo>/.cache/esp."
     )
 
     def __post_init__(self) -> None:
