@@ -47,25 +47,34 @@ def model_entry(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def fresh_train_seconds(info: dict) -> float:
-    """What `esp train` took, as a fresh run would: a wide part that came from the cache is counted
-    at the time it took to fit when it was computed."""
-    seconds = float(info.get("train_wall_seconds") or info.get("train_seconds") or 0.0)
+def fresh_train_seconds(info: dict) -> tuple[float, float | None]:
+    """(wall seconds, CPU seconds) that `esp train` took, as a fresh run would: a wide part that came
+    from the cache is counted at what it cost when it was fitted. CPU time (all threads) hardly
+    depends on what else the machine runs; wall time on a shared machine does."""
     timings = info.get("timings") or {}
-    return seconds + float(timings.get("wide_fit_uncached", 0.0)) - float(timings.get("wide_fit", 0.0))
+    wall = float(info.get("train_wall_seconds") or info.get("train_seconds") or 0.0)
+    cpu = info.get("train_cpu_seconds")
+    if timings.get("wide_fit_cached"):
+        wall += float(timings.get("wide_fit_uncached", 0.0)) - float(timings.get("wide_fit", 0.0))
+        extra = timings.get("wide_fit_cpu_uncached")
+        cpu = None if cpu is None or extra is None else float(cpu) + float(extra)
+    return wall, (float(cpu) if cpu is not None else None)
 
 
-def teacher_seconds(info: dict) -> float:
+def teacher_seconds(info: dict) -> tuple[float, float | None]:
     """Training time of a distilled model's teachers (each cross-fit teacher trained separately)."""
     from training.export import read_model_info
 
-    total = 0.0
+    wall, cpu = 0.0, 0.0
     for t in (info.get("distillation") or {}).get("teachers", []):
         try:
-            total += fresh_train_seconds(read_model_info(t["version_dir"]))
+            w, c = fresh_train_seconds(read_model_info(t["version_dir"]))
         except OSError:
             logging.warning("teacher %s is gone: its training time is not counted", t["version_dir"])
-    return total
+            continue
+        wall += w
+        cpu = None if cpu is None or c is None else cpu + c
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         with ModelServerProcess(base.resolve(), poll_wait_s=30.0) as server:
             served = run_load(server.target, texts, batch_size=args.batch_size, clients=1, duration_s=args.duration_s, warmup_s=args.warmup_s)
         profile = info.get("profile")
-        train_s = fresh_train_seconds(info)
+        train_s, train_cpu = fresh_train_seconds(info)
+        teachers_s, teachers_cpu = teacher_seconds(info)
         rows.append({
             "name": name,
             "version_dir": str(version_dir),
@@ -122,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             "serving_p50_ms": served["p50_ms"],
             "serving_errors": served["errors"],
             "train_seconds": train_s,
-            "train_seconds_with_teachers": train_s + teacher_seconds(info),
+            "train_seconds_with_teachers": train_s + teachers_s,
+            "train_cpu_seconds": train_cpu,
+            "train_cpu_seconds_with_teachers": None if train_cpu is None or teachers_cpu is None else train_cpu + teachers_cpu,
             "size_mb": round(sum(f.stat().st_size for f in version_dir.rglob("*") if f.is_file()) / 1e6, 1),
             "in_process_scoring_s": round(scoring_s, 1),
         })
@@ -137,12 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         r["throughput_vs_reference"] = r["serving_comments_per_s"] / reference["serving_comments_per_s"]
 
     print(f"\nquality-speed frontier (reference: {args.reference}; differences: paired bootstrap 95% CI, {args.resamples} resamples)")
-    print(f"{'model':>18} {'test AUC':>9} {'vs ref [95% CI]':>28} {'comments/s':>11} {'x ref':>6} {'train min':>10} {'+teachers':>10} {'MB':>6}")
+    print(f"{'model':>18} {'test AUC':>9} {'vs ref [95% CI]':>28} {'comments/s':>11} {'x ref':>6} {'train min':>10} {'+teachers':>10} "
+          f"{'CPU min':>8} {'+teachers':>10} {'MB':>6}")
+
+    def minutes(seconds: float | None) -> str:
+        return "?" if seconds is None else f"{seconds / 60:.1f}"
+
     for r in rows:
         v = r.get("vs_reference")
         ci = f"{v['difference']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" if v else "(reference)"
         print(f"{r['name']:>18} {r['test_mean_roc_auc']:>9.4f} {ci:>28} {r['serving_comments_per_s']:>11.0f} "
-              f"{r.get('throughput_vs_reference', 1.0):>6.2f} {r['train_seconds'] / 60:>10.1f} {r['train_seconds_with_teachers'] / 60:>10.1f} {r['size_mb']:>6.1f}")
+              f"{r.get('throughput_vs_reference', 1.0):>6.2f} {minutes(r['train_seconds']):>10} {minutes(r['train_seconds_with_teachers']):>10} "
+              f"{minutes(r['train_cpu_seconds']):>8} {minutes(r['train_cpu_seconds_with_teachers']):>10} {r['size_mb']:>6.1f}")
     report = {"reference": args.reference, "test_rows": len(test), "batch_size": args.batch_size, "duration_s": args.duration_s,
               "resamples": args.resamples, "cpus": os.cpu_count(), "models": rows}
     if args.json:
@@ -167,9 +185,11 @@ def draw_chart(report: dict, path: Path) -> None:
     low, high = min(close) - 0.003, max(close) + 0.002
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     panels = (("serving_comments_per_s", f"serving throughput, comments/s (esp serve, batch {report['batch_size']}, {report['cpus']} cores)"),
-              ("train_seconds_with_teachers", "training time on the same machine, minutes (distilled: teachers included)"))
+              ("train_cpu_seconds_with_teachers", "training cost, CPU minutes (all threads; distilled: teachers included)"))
     for ax, (key, xlabel) in zip(axes, panels):
         for r in rows:
+            if r[key] is None:
+                continue
             x = r[key] / 60 if key.startswith("train") else r[key]
             y = r["test_mean_roc_auc"]
             clipped = y < low

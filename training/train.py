@@ -189,10 +189,11 @@ def fit_wide_logreg(layer, data: Encoded, c: float, progress: bool = False, targ
     if cached is not None and cached.is_file():
         with np.load(cached) as z:
             idf, coef, bias, seconds = z["idf"], z["coef"], z["bias"], float(z["seconds"])
+            cpu = float(z["cpu_seconds"]) if "cpu_seconds" in z else math.nan
         logger.info("wide part from the cache (%s; it took %.0fs to fit)", cached, seconds)
-        facts = {"seconds_to_fit": seconds, "cached": True}
+        facts = {"seconds_to_fit": seconds, "cpu_seconds_to_fit": cpu, "cached": True}
     else:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         df = np.zeros(num_ids, np.int64)
         for row in data.wide_ids:
             df[np.unique(row)] += 1
@@ -216,12 +217,12 @@ def fit_wide_logreg(layer, data: Encoded, c: float, progress: bool = False, targ
                     clf.fit(x_twice, sides, sample_weight=np.r_[t, 1.0 - t])
                 coef[:, j] = clf.coef_[0]
                 bias[j] = clf.intercept_[0]
-        facts = {"seconds_to_fit": round(time.monotonic() - t0, 1), "cached": False}
+        facts = {"seconds_to_fit": round(time.monotonic() - t0, 1), "cpu_seconds_to_fit": round(time.process_time() - cpu0, 1), "cached": False}
         logger.info("wide part fitted by logistic regression on %d rows x %d n-gram ids (%d seen)", n, num_ids, int((df > 0).sum()))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
-            np.savez(tmp, idf=idf, coef=coef, bias=bias, seconds=facts["seconds_to_fit"])
+            np.savez(tmp, idf=idf, coef=coef, bias=bias, seconds=facts["seconds_to_fit"], cpu_seconds=facts["cpu_seconds_to_fit"])
             os.replace(tmp, cached)
     layer.idf.assign(idf.astype(np.float32))
     layer.table.assign(coef)
@@ -296,30 +297,27 @@ def _schedule(peak: float, total_steps: int, warmup_fraction: float):
     return WarmupLinearDecay()
 
 
-class ProgressLog:
-    """Keras callback factory: a log line every `every_s` seconds during a long fit (steps, loss,
-    sequences/s, time left), for logs and pipes where Keras's one-line bar cannot be shown."""
+def progress_log(total_steps: int, done_steps: int, batch_size: int, every_s: float = 30.0):
+    """A Keras callback that logs a line every `every_s` seconds of a long fit (step, loss,
+    sequences/s, time left): for logs and pipes, where Keras's one-line bar cannot be shown."""
+    import keras
 
-    @staticmethod
-    def build(total_steps: int, done_steps: int, batch_size: int, every_s: float = 30.0):
-        import keras
+    class ProgressLog(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = self.last = time.monotonic()
 
-        class _Log(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.t0 = self.last = time.monotonic()
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last < every_s:
+                return
+            self.last = now
+            step = done_steps + batch + 1
+            rate = (batch + 1) / max(now - self.t0, 1e-9)
+            left = (total_steps - step) / rate
+            logger.info("step %d/%d: loss %.4f, %.0f seq/s, about %.0f min left in training",
+                        step, total_steps, float((logs or {}).get("loss", math.nan)), rate * batch_size, left / 60)
 
-            def on_train_batch_end(self, batch, logs=None):
-                now = time.monotonic()
-                if now - self.last < every_s:
-                    return
-                self.last = now
-                step = done_steps + batch + 1
-                rate = (batch + 1) / max(now - self.t0, 1e-9)
-                left = (total_steps - step) / rate if rate else math.inf
-                logger.info("step %d/%d: loss %.4f, %.0f seq/s, about %.0f min left in training",
-                            step, total_steps, float((logs or {}).get("loss", math.nan)), rate * batch_size, left / 60)
-
-        return _Log()
+    return ProgressLog()
 
 
 def _epoch_label(epoch: float) -> str:
@@ -446,6 +444,8 @@ def train(
         timings["wide_fit"] = round(time.monotonic() - t0, 1)
         # A cached fit costs seconds here but took this long once: what a fresh run pays.
         timings["wide_fit_uncached"] = facts["seconds_to_fit"] if facts["cached"] else timings["wide_fit"]
+        timings["wide_fit_cpu_uncached"] = facts["cpu_seconds_to_fit"]
+        timings["wide_fit_cached"] = facts["cached"]
         logger.info("wide part ready in %.0fs: alone, dev mean ROC AUC %.4f", timings["wide_fit"], wide_only_dev_auc)
 
         if profile.wide_oof_folds > 1:
@@ -496,7 +496,7 @@ def train(
     done_steps = 0
     evals = max(1, profile.evals_per_epoch)
     # Keras's bar rewrites one line: on a terminal. Piped into a log it is thousands of lines; there a
-    # log line every 30 s (ProgressLog) and the per-evaluation summary (on_epoch) say what matters.
+    # log line every 30 s (progress_log) and the per-evaluation summary (on_epoch) say what matters.
     keras_bar = 1 if progress and sys.stdout.isatty() else 0
     started = time.monotonic()
     stop = False
@@ -515,7 +515,7 @@ def train(
 
             dataset = tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2)
             t0 = time.monotonic()
-            cbs = [] if keras_bar else [ProgressLog.build(total_steps, done_steps, profile.batch_size)]
+            cbs = [] if keras_bar else [progress_log(total_steps, done_steps, profile.batch_size)]
             fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(chunk), shuffle=False, verbose=keras_bar, callbacks=cbs)
             done_steps += len(chunk)
             dev_probs = predict_probabilities(model, dev_data)
