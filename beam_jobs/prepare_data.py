@@ -37,6 +37,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.options import pipeline_options
+from esp.settings.training import label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Reject:
 class PrepareConfig:
     input_patterns: tuple[str, ...]
     output_dir: str
-    id_column: str = "id"
+    id_column: str = "id"  # "": the data has no ids; each row's id is derived from its text (derived_id)
     text_column: str = "comment_text"
     label_columns: tuple[str, ...] = JIGSAW_LABELS
     input_format: str = "auto"  # auto (by file name), csv or jsonl
@@ -83,6 +84,9 @@ class PrepareConfig:
             raise ValueError("at least one input pattern is required")
         if not self.label_columns:
             raise ValueError("at least one label column is required")
+        problem = label_problem(tuple(self.label_columns))
+        if problem:
+            raise ValueError(problem)
         if self.input_format not in ("auto", "csv", "jsonl"):
             raise ValueError(f"input format must be auto, csv or jsonl, got {self.input_format!r}")
 
@@ -115,6 +119,12 @@ def parse_label(value: Any) -> int | None:
             return None
         return int(number) if number in (0.0, 1.0) else None
     return None
+
+
+def derived_id(text: str) -> str:
+    """An id for data that has none: a hash of the normalised, case-folded text. Copies share it
+    (they are one comment after dedupe anyway), and it is stable, so the split is too."""
+    return "text-" + hashlib.sha256(text.casefold().encode("utf-8")).hexdigest()[:24]
 
 
 def split_of(comment_id: str, train_ratio: float, dev_ratio: float) -> str:
@@ -199,11 +209,13 @@ class ParseFile(beam.DoFn):
 
     def _validate(self, row: dict, path: str, line_no: int) -> Iterator[Any]:
         cfg = self.config
-        raw_id = row.get(cfg.id_column)
-        comment_id = str(raw_id).strip() if raw_id is not None else ""
-        if not comment_id:
-            yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.MISSING_ID, f"no {cfg.id_column!r}", path, line_no, row))
-            return
+        comment_id = ""
+        if cfg.id_column:
+            raw_id = row.get(cfg.id_column)
+            comment_id = str(raw_id).strip() if raw_id is not None else ""
+            if not comment_id:
+                yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.MISSING_ID, f"no {cfg.id_column!r}", path, line_no, row))
+                return
         raw_text = row.get(cfg.text_column)
         if not isinstance(raw_text, str):
             yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.MISSING_TEXT, f"no {cfg.text_column!r} string", path, line_no, row))
@@ -225,7 +237,7 @@ class ParseFile(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.INVALID_LABEL, f"label {name!r} is {value!r}, not 0 or 1", path, line_no, row))
                 return
             labels.append(parsed)
-        yield {"id": comment_id, "text": text, "labels": labels}
+        yield {"id": comment_id or derived_id(text), "text": text, "labels": labels}
 
 
 def _read_all(stream: Any, chunk_bytes: int = 1 << 22) -> bytes:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from beam_jobs.prepare_data import PrepareConfig, normalise_text, parse_label, run, split_of
 from training import records
@@ -139,3 +141,55 @@ def test_cli_prepares_data(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prepared 60 comments" in result.stdout
     assert json.loads((tmp_path / "o" / "stats.json").read_text())["rows"]["total"] == 60
+
+
+def test_any_text_and_label_columns_and_no_id_column(tmp_path: Path) -> None:
+    """Another task's data: its own text and label columns, no ids at all. Ids are derived from the
+    text, so copies collapse into one comment and the split is as stable as with real ids."""
+    path = tmp_path / "tickets.jsonl"
+    rows = [
+        {"body": "Buy cheap watches", "spam": 1, "urgent": 0},
+        {"body": "buy  CHEAP watches", "spam": 0, "urgent": 1},  # the same text once normalised and case-folded
+        {"body": "Server is down", "spam": 0, "urgent": 1},
+        {"body": "", "spam": 0, "urgent": 0},
+        {"body": "no label here", "spam": 1},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    stats = run(PrepareConfig(input_patterns=(str(path),), output_dir=str(out), id_column="", text_column="body", label_columns=("spam", "urgent")))
+    assert stats["labels"] == ["spam", "urgent"]
+    assert stats["rows"]["total"] == 2 and stats["duplicates_removed"] == 1 and stats["label_conflicts"] == 1
+    assert stats["rejects"] == {"empty_text": 1, "missing_label": 1}
+    kept = {}
+    for split in ("train", "dev", "test"):
+        try:
+            s = records.read_split(str(out), split, 2)
+        except FileNotFoundError:
+            continue
+        kept.update({i: (t, list(l)) for i, t, l in zip(s.ids, s.texts, s.labels)})
+    assert all(i.startswith("text-") for i in kept)
+    by_text = {t.casefold(): l for t, l in kept.values()}
+    assert by_text["buy cheap watches"] == [1.0, 1.0]  # label-wise maximum over the copies
+    again = run(PrepareConfig(input_patterns=(str(path),), output_dir=str(tmp_path / "again"), id_column="", text_column="body", label_columns=("spam", "urgent")))
+    assert again["rows"] == stats["rows"]
+
+
+@pytest.mark.parametrize("labels", [("is spam",), ("esp_score",), ("1st",), ("a", "a"), ("toxic", "x" * 65)])
+def test_label_names_that_cannot_be_model_outputs_are_refused(tmp_path: Path, labels: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="label"):
+        PrepareConfig(input_patterns=("x.csv",), output_dir=str(tmp_path), label_columns=labels)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_")}
+    result = subprocess.run([sys.executable, "-m", "esp.cli.main", "prepare-data", "--label-columns", ",".join(labels), "--data-dir", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "label" in result.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=70))
+def test_label_name_rule_accepts_only_safe_output_names(name: str) -> None:
+    import re
+
+    from esp.settings.training import label_problem
+
+    ok = label_problem((name,)) is None
+    assert ok == bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name) and not name.lower().startswith("esp_"))

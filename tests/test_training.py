@@ -147,6 +147,9 @@ def test_loads_a_google_format_tf_checkpoint(tmp_path: Path) -> None:
 def test_pretrained_path_errors_are_one_line(tmp_path: Path) -> None:
     from training.pretrained import PretrainedError, load_pretrained
 
+    with pytest.raises(PretrainedError, match="not a Hugging Face BERT"):
+        load_pretrained(tmp_path)
+    (tmp_path / "bert_config.json").write_text("{}")
     with pytest.raises(PretrainedError, match="no vocabulary"):
         load_pretrained(tmp_path)
 
@@ -172,6 +175,7 @@ def test_cli_evaluate_reports_on_an_exported_model(tiny_training, tmp_path: Path
     report = tmp_path / "report"
     result = subprocess.run(
         [sys.executable, "-m", "esp.cli.main", "evaluate", "--model-dir", str(tiny_training.base_path),
+         "--compare-with", str(tiny_training.version_dir),
          "--data-dir", str(tiny_training.data_dir), "--report-dir", str(report), "--no-baselines", "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -182,9 +186,12 @@ def test_cli_evaluate_reports_on_an_exported_model(tiny_training, tmp_path: Path
     assert metrics["model"]["mean_roc_auc"] == pytest.approx(info["metrics"]["mean_roc_auc"], abs=1e-4)
     assert f"{tiny_training.base_path / '1'}: test mean ROC AUC" in result.stdout
     assert "demo check:" in result.stdout
+    # Compared with itself on the same rows: exactly no difference, and the interval says so.
+    assert metrics["compared_with"]["difference"] == 0.0 and metrics["compared_with"]["low"] == 0.0
+    assert "+0.0000, 95% CI [+0.0000, +0.0000]" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "esp.cli.main", "evaluate", "--model-dir", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode != 0 and "holds no SavedModel version" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "no model version" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_wide_part_fitted_by_logistic_regression_with_out_of_fold_logits(tiny_training, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def tfidf_logreg(
         raise ValueError(f"unknown TF-IDF variant {variant!r}")
     sets = eval_texts if isinstance(eval_texts, dict) else {"eval": eval_texts}
     vectorizers = [
-        TfidfVectorizer(sublinear_tf=True, strip_accents="unicode", analyzer="word", token_pattern=r"(?u)\b\w+\b",
+        TfidfVectorizer(sublinear_tf=True, strip_accents="unicode", analyzer="word", token_pattern=r"(?u)\b\w+\b",  # nosec B106: a regex, not a password
                         ngram_range=(1, 2), min_df=2, max_features=max_features)
     ]
     if variant == "word+char":

@@ -83,7 +83,11 @@ def evaluate(
     history: list[dict] | None = None,
     sample_path: str | Path | None = None,
     progress: bool = False,
+    compare_with: str | Path | None = None,
+    resamples: int = 2000,
 ) -> dict:
+    """`compare_with`: another exported model, scored on the same test rows; the result then holds
+    the paired bootstrap interval of (this model - that one) in mean ROC AUC."""
     from training import records
     from training.baselines import profanity_check_scores, tfidf_logreg
     from training.export import read_model_info
@@ -121,6 +125,18 @@ def evaluate(
             "test_recall_natural": rec,
         }
     curves = {"model": probs}
+    if compare_with is not None:
+        from training.compare import NotComparable, paired_bootstrap
+
+        other_labels, other, _ = score_saved_model(compare_with, test.texts, progress=progress)
+        missing = [l for l in labels if l not in other_labels]
+        if missing:
+            raise NotComparable(f"{compare_with} has no output for {', '.join(missing)}: it is another task")
+        other = other[:, [other_labels.index(l) for l in labels]]
+        d = paired_bootstrap(test.labels, other, probs, resamples=resamples)
+        result["compared_with"] = {"version_dir": str(compare_with), "mean_roc_auc": d.mean_auc_a, "difference": d.difference,
+                                   "low": d.low, "high": d.high, "confidence": d.confidence, "resamples": d.resamples,
+                                   "share_not_better": d.share_not_better}
     if baselines:
         train = records.read_split(data_dir, "train", len(labels))
         t0 = time.monotonic()
@@ -129,12 +145,16 @@ def evaluate(
         t0 = time.monotonic()
         tfidf_word = tfidf_logreg(train.texts, train.labels, test.texts, variant="word")["eval"]
         result["tfidf_logreg_word"] = {"variant": "word 1-2-grams, sublinear TF, C=4", **label_metrics(labels, test.labels, tfidf_word, weights), "fit_seconds": round(time.monotonic() - t0, 1)}
-        pc = profanity_check_scores(test.texts)
-        pc_matrix = np.repeat(pc[:, None], len(labels), axis=1)
-        result["profanity_check"] = {"caveat": PROFANITY_CHECK_CAVEAT, **label_metrics(labels, test.labels, pc_matrix, weights)}
-        curves.update({"tfidf_logreg": tfidf, "profanity_check": pc_matrix})
+        curves["tfidf_logreg"] = tfidf
+        # A profanity score says nothing about another task's labels (a model from `esp train
+        # --label-columns ...` on other data): compare it only where there is a toxic label.
+        if "toxic" in labels:
+            pc = profanity_check_scores(test.texts)
+            pc_matrix = np.repeat(pc[:, None], len(labels), axis=1)
+            result["profanity_check"] = {"caveat": PROFANITY_CHECK_CAVEAT, **label_metrics(labels, test.labels, pc_matrix, weights)}
+            curves["profanity_check"] = pc_matrix
         result["model_minus_tfidf_mean_roc_auc"] = result["model"]["mean_roc_auc"] - result["tfidf_logreg"]["mean_roc_auc"]
-    if sample_path and Path(sample_path).is_file():
+    if sample_path and Path(sample_path).is_file() and "toxic" in labels:
         result["demo_check"] = demo_check(version_dir, sample_path)
     plot_roc_curves(labels, test.labels, curves, report / "roc_curves.png")
     if history:
@@ -214,7 +234,9 @@ def render_markdown(result: dict, info: dict) -> str:
     labels = info["labels"]
     systems = [("model", "ESP model")]
     if "tfidf_logreg" in result:
-        systems += [("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg"), ("profanity_check", "alt-profanity-check*")]
+        systems += [("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg")]
+    if "profanity_check" in result:
+        systems.append(("profanity_check", "alt-profanity-check*"))
     lines = [
         f"# Evaluation report: {info.get('profile', {}).get('name', '?') if isinstance(info.get('profile'), dict) else info.get('profile')}",
         "",
@@ -243,5 +265,9 @@ def render_markdown(result: dict, info: dict) -> str:
     if "demo_check" in result:
         d = result["demo_check"]
         lines += ["", f"Demo check: of the {d['top']} sample comments scored most toxic, {d['labelled_toxic']} are labelled toxic."]
+    if "compared_with" in result:
+        c = result["compared_with"]
+        lines += ["", f"Against {c['version_dir']} (mean ROC AUC {c['mean_roc_auc']:.4f}) on the same test rows: "
+                  f"{c['difference']:+.4f}, {c['confidence']:.0%} CI [{c['low']:+.4f}, {c['high']:+.4f}] (paired bootstrap, {c['resamples']} resamples)."]
     lines += ["", "Figures: `roc_curves.png`, `training_curves.png`. All numbers: `metrics.json`.", ""]
     return "\n".join(lines)

@@ -72,6 +72,27 @@ def build_backbone(profile: Profile, vocab_size: int) -> keras_hub.models.BertBa
     )
 
 
+def with_dtype(backbone: keras_hub.models.BertBackbone, dtype: str) -> keras_hub.models.BertBackbone:
+    """The same encoder (same weights) computing in `dtype`, e.g. "mixed_bfloat16" for training."""
+    if backbone.dtype_policy.name == dtype:
+        return backbone
+    clone = type(backbone).from_config({**backbone.get_config(), "dtype": dtype})
+    clone.set_weights(backbone.get_weights())
+    return clone
+
+
+def float32_copy(profile: Profile, model: keras.Model) -> keras.Model:
+    """A float32 classifier with `model`'s weights: what is exported after mixed-precision training
+    (bfloat16 matmuls are fast on CPUs with AMX and slow on others; float32 serves anywhere)."""
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras_hub.models.BertBackbone))
+    if backbone.dtype_policy.name == "float32":
+        return model
+    wide_ids = model.get_layer("wide").num_ids if "wide_ids" in model.input else 0
+    copy = build_classifier(profile, with_dtype(backbone, "float32"), model.output.shape[-1], wide_ids)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def build_classifier(
     profile: Profile,
     backbone: keras_hub.models.BertBackbone,
@@ -86,6 +107,9 @@ def build_classifier(
         {"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids), "padding_mask": padding_mask}
     )
     pooled = []
+    if profile.pooling == "mean":
+        # The [CLS] pooler is unused: frozen, so the optimiser does not look for its gradients.
+        backbone.get_layer("pooled_dense").trainable = False
     if profile.pooling in ("cls", "cls_mean"):
         pooled.append(encoded["pooled_output"])
     if profile.pooling in ("mean", "cls_mean"):

@@ -35,8 +35,13 @@ def train_and_export(
     export_version: int | None = None,
     seed: int = 42,
     pretrained: str | None = None,
+    pretrained_cache_dir: str | None = None,
     cache_dir: str | None = None,
     threads: int = 0,
+    model_name: str = "bert",
+    teachers: tuple[str, ...] = (),
+    allow_in_sample_teacher: bool = False,
+    cross_fit: tuple[int, int] | None = None,
     target_precision: float = M.DEFAULT_TARGET_PRECISION,
     natural_prevalence: float = M.NATURAL_TOXIC_PREVALENCE,
     report_dir: str | None = None,
@@ -52,7 +57,12 @@ def train_and_export(
     from training.train import encode, predict_probabilities, train
 
     started = time.monotonic()
-    result = train(data_dir, profile, work_dir, seed=seed, pretrained=pretrained, cache_dir=cache_dir, threads=threads, progress=progress, on_epoch=on_epoch)
+    cpu_started = _cpu_seconds()
+    result = train(data_dir, profile, work_dir, seed=seed, pretrained=pretrained, pretrained_cache_dir=pretrained_cache_dir, cache_dir=cache_dir,
+                   threads=threads, progress=progress, on_epoch=on_epoch, teachers=teachers, allow_in_sample_teacher=allow_in_sample_teacher,
+                   cross_fit=cross_fit)
+    train_wall_seconds = time.monotonic() - started
+    train_cpu_seconds = _cpu_seconds() - cpu_started
     labels = result.labels
     thresholds = choose_thresholds(labels, result.dev_labels, result.dev_probabilities, target_precision, natural_prevalence)
 
@@ -63,14 +73,25 @@ def train_and_export(
     dev_auc = M.mean_auc(M.roc_aucs(labels, result.dev_labels, result.dev_probabilities))
 
     info = {
+        "model_name": model_name,
         "profile": {k: v for k, v in dataclasses.asdict(result.profile).items()},
         "seed": seed,
-        "pretrained": pretrained,
+        "pretrained": result.pretrained,
+        "pretrained_provenance": _provenance(result.pretrained),
         "best_epoch": result.best_epoch,
         "wide_only_dev_mean_roc_auc": result.wide_only_dev_auc,
-        "epochs_run": len(result.history),
+        "evaluations_run": len(result.history),
         "train_seconds": round(result.train_seconds, 1),
-        "train_rows": None,
+        # Everything before the export: reading, teachers' soft targets, tokenising, the wide fit,
+        # the encoder's epochs and the final dev pass. What the frontier calls training time.
+        "train_wall_seconds": round(train_wall_seconds, 1),
+        # CPU time of all threads over the same span: unlike wall time, it barely depends on what
+        # else the machine runs, so costs measured on a busy shared machine stay comparable.
+        "train_cpu_seconds": round(train_cpu_seconds, 1),
+        "timings": result.timings,
+        "cross_fit": {"fold": result.cross_fit[0], "folds": result.cross_fit[1]} if result.cross_fit else None,
+        "distillation": result.distillation,
+        "train_rows": result.train_rows,
         "threshold_rules": {l: t.rule for l, t in thresholds.items()},
         "threshold_dev_precision_natural": {l: t.precision for l, t in thresholds.items()},
         "threshold_dev_recall_natural": {l: t.recall for l, t in thresholds.items()},
@@ -79,9 +100,6 @@ def train_and_export(
         "metrics": {"split": "test", "rows": len(test), "dev_mean_roc_auc": dev_auc, **test_metrics},
         "data_stats": records.read_stats(data_dir).get("rows"),
     }
-    info["train_rows"] = info["data_stats"].get("train") if isinstance(info["data_stats"], dict) else None
-    if result.profile.max_train_rows and info["train_rows"]:
-        info["train_rows"] = min(info["train_rows"], result.profile.max_train_rows)
     version_dir = export_model(
         preprocessor=result.preprocessor,
         model=result.model,
@@ -90,6 +108,7 @@ def train_and_export(
         base_path=export_base_path,
         version=export_version,
         model_info=_json_safe(info),
+        model_name=model_name,
         overwrite=overwrite,
     )
     report = None
@@ -107,6 +126,24 @@ def train_and_export(
         "report": report,
         "train_result": result,
     }
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _provenance(pretrained: str | None) -> dict | None:
+    """Where fetched weights came from (training.weights writes it), for the model info."""
+    import json
+
+    from training.weights import PROVENANCE_FILE
+
+    if not pretrained or not (Path(pretrained) / PROVENANCE_FILE).is_file():
+        return None
+    return json.loads((Path(pretrained) / PROVENANCE_FILE).read_text())
 
 
 def _json_safe(obj):

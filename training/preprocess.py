@@ -95,7 +95,7 @@ class Preprocessor(tf.Module):
             value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
         )
         self.table = tf.lookup.StaticVocabularyTable(init, num_oov_buckets=1)
-        self.tokenizer = tf_text.BertTokenizer(self.table, token_out_type=tf.int64, lower_case=True, unknown_token="[UNK]")
+        self.tokenizer = tf_text.BertTokenizer(self.table, token_out_type=tf.int64, lower_case=True, unknown_token="[UNK]")  # nosec B106: the vocabulary's unknown-piece token, not a password
 
     @property
     def wide_vocab_size(self) -> int:

@@ -1,8 +1,16 @@
-"""Loading a pretrained BERT the user has: a keras-hub preset directory or a Google-format TF checkpoint.
+"""Loading a pretrained BERT the user has: a Hugging Face directory, a keras-hub preset, or a
+Google-format TF checkpoint.
 
-Either way the tokenizer stays `tensorflow_text.BertTokenizer`, over the vocabulary that came with
-the weights, so a pretrained model and ESP's serving graph read text identically.
+Whatever the format, the tokenizer stays `tensorflow_text.BertTokenizer`, over the vocabulary that
+came with the weights, so a pretrained model and ESP's serving graph read text identically.
 
+- Hugging Face directory (`config.json` with `model_type: bert`, `model.safetensors`,
+  `tokenizer.json` and/or `vocab.txt`), e.g. all-MiniLM-L6-v2 as `esp pretrained fetch` unpacks it.
+  keras-hub converts the weights (`BertBackbone.from_preset`, needs `safetensors`). The tokenizer
+  description is checked against what the in-graph tokenizer does (`check_hf_tokenizer`): a
+  WordPiece vocabulary with `##` continuations and `[UNK]`, lower-casing, accent stripping and
+  Chinese-character splitting. A model whose tokenizer differs is refused: fine-tuning it through
+  a tokenizer that reads text differently would quietly throw its pretraining away.
 - keras-hub preset directory: `config.json` + `model.weights.h5` (what `backbone.save_to_preset`
   writes) and the vocabulary at `assets/tokenizer/vocabulary.txt` (or `vocab.txt`).
 - TF checkpoint directory (Google's BERT release layout): `bert_config.json`, `vocab.txt` and a
@@ -12,9 +20,11 @@ the weights, so a pretrained model and ESP's serving graph read text identically
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +45,36 @@ def find_vocab(path: Path) -> Path:
     raise PretrainedError(f"{path}: no vocabulary found (looked for {', '.join(_VOCAB_CANDIDATES)})")
 
 
+def is_hf_directory(root: Path) -> bool:
+    """A Hugging Face model directory: its config.json names a `model_type` (keras-hub's names a class)."""
+    config = root / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
     """Returns (keras_hub BertBackbone with the pretrained weights, vocabulary path)."""
     root = Path(path)
     if not root.is_dir():
         raise PretrainedError(f"{root} is not a directory")
-    vocab = find_vocab(root)
-    if (root / "config.json").is_file():
+    if is_hf_directory(root):
+        vocab = hf_vocab_file(root, cache_dir)
+        backbone = _load_hf(root)
+    elif (root / "config.json").is_file():
+        vocab = find_vocab(root)
         backbone = _load_preset(root)
     elif (root / "bert_config.json").is_file():
+        vocab = find_vocab(root)
         backbone = _load_tf_checkpoint(root)
     else:
-        raise PretrainedError(f"{root}: neither a keras-hub preset (config.json) nor a TF BERT checkpoint (bert_config.json)")
+        raise PretrainedError(
+            f"{root}: not a Hugging Face BERT (config.json with model_type), a keras-hub preset (config.json) "
+            "or a TF BERT checkpoint (bert_config.json)"
+        )
     with open(vocab, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
     if vocab_size != backbone.vocabulary_size:
@@ -62,6 +90,132 @@ def _load_preset(root: Path):
         return keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed preset
         raise PretrainedError(f"{root}: cannot load the keras-hub preset: {exc}") from exc
+
+
+# What tensorflow_text.BertTokenizer(lower_case=True) does, in the words of a Hugging Face
+# tokenizer.json: BertNormalizer(lowercase, accents stripped, Chinese characters split), BERT's
+# whitespace-and-punctuation pre-tokenizer, WordPiece with "##" continuations and [UNK].
+_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def check_hf_tokenizer(tokenizer: dict, where: str = "tokenizer.json") -> list[str]:
+    """The vocabulary (id order) of a Hugging Face tokenizer.json, if the in-graph tokenizer reads
+    text the same way; otherwise PretrainedError saying which setting differs."""
+    def refuse(what: str) -> PretrainedError:
+        return PretrainedError(f"{where}: {what}; ESP's in-graph tokenizer (tensorflow_text.BertTokenizer, lower-cased) "
+                               "would read text differently from the way this model was pretrained")
+
+    if not isinstance(tokenizer, dict):
+        raise refuse("not a JSON object")
+    normalizer = tokenizer.get("normalizer")
+    if not isinstance(normalizer, dict) or normalizer.get("type") != "BertNormalizer":
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise refuse(f"normalizer is {kind!r}, not BertNormalizer")
+    if normalizer.get("lowercase") is not True:
+        raise refuse("the model is cased (normalizer.lowercase is not true)")
+    # None means "as lowercase says": lower-cased BERT strips accents; false keeps them.
+    if normalizer.get("strip_accents") not in (None, True):
+        raise refuse("normalizer.strip_accents is false (accents kept)")
+    if normalizer.get("handle_chinese_chars") is not True:
+        raise refuse("normalizer.handle_chinese_chars is not true (Chinese characters not split)")
+    pre = tokenizer.get("pre_tokenizer")
+    if not isinstance(pre, dict) or pre.get("type") != "BertPreTokenizer":
+        raise refuse(f"pre_tokenizer is {pre.get('type') if isinstance(pre, dict) else pre!r}, not BertPreTokenizer")
+    model = tokenizer.get("model")
+    if not isinstance(model, dict) or model.get("type") != "WordPiece":
+        raise refuse(f"model is {model.get('type') if isinstance(model, dict) else model!r}, not WordPiece")
+    if model.get("continuing_subword_prefix", "##") != "##":
+        raise refuse(f"word pieces continue with {model.get('continuing_subword_prefix')!r}, not '##'")
+    if model.get("unk_token") != "[UNK]":
+        raise refuse(f"the unknown token is {model.get('unk_token')!r}, not '[UNK]'")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise refuse("model.vocab is missing or empty")
+    return _vocab_in_id_order(vocab, where)
+
+
+def _vocab_in_id_order(vocab: dict, where: str) -> list[str]:
+    tokens: list[str | None] = [None] * len(vocab)
+    for token, index in vocab.items():
+        if not isinstance(index, int) or not 0 <= index < len(vocab) or tokens[index] is not None:
+            raise PretrainedError(f"{where}: vocabulary ids are not 0..{len(vocab) - 1}, each once (token {token!r} has id {index!r})")
+        if not token or "\n" in token:
+            raise PretrainedError(f"{where}: vocabulary holds an empty or multi-line token at id {index}")
+        tokens[index] = token
+    missing = [t for t in _SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise PretrainedError(f"{where}: vocabulary lacks {', '.join(missing)}")
+    return [t for t in tokens if t is not None]
+
+
+def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
+    """The checked vocabulary of a Hugging Face directory, as the one-token-a-line file the in-graph
+    tokenizer reads: the shipped vocabulary file itself when they are token for token equal (so the
+    export records the same vocabulary hash as every other ESP model), else a copy in the cache."""
+    from training.preprocess import DEFAULT_CACHE_DIR, read_vocab, shipped_vocab_path
+
+    tokens = None
+    if (root / "tokenizer.json").is_file():
+        try:
+            tokenizer = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PretrainedError(f"{root / 'tokenizer.json'}: not valid JSON ({exc})") from None
+        tokens = check_hf_tokenizer(tokenizer, str(root / "tokenizer.json"))
+    if (root / "vocab.txt").is_file():
+        listed = read_vocab(root / "vocab.txt")
+        if tokens is None:
+            _check_tokenizer_config(root)
+            tokens = _vocab_in_id_order({t: i for i, t in enumerate(listed)}, str(root / "vocab.txt"))
+        elif listed != tokens:
+            raise PretrainedError(f"{root}: vocab.txt and tokenizer.json disagree on the vocabulary")
+    if tokens is None:
+        raise PretrainedError(f"{root}: no tokenizer.json or vocab.txt: the vocabulary is unknown")
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    if config.get("vocab_size") != len(tokens):
+        raise PretrainedError(f"{root}: the vocabulary has {len(tokens)} tokens but config.json says vocab_size {config.get('vocab_size')}")
+    shipped = shipped_vocab_path(cache_dir)
+    if read_vocab(shipped) == tokens:
+        return shipped
+    text = "".join(t + "\n" for t in tokens).encode("utf-8")
+    target = (Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR) / "vocab" / f"vocab-{hashlib.sha256(text).hexdigest()[:16]}.txt"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, target)
+    return target
+
+
+def _check_tokenizer_config(root: Path) -> None:
+    """Without tokenizer.json, tokenizer_config.json (when present) must describe an uncased BERT tokenizer."""
+    path = root / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("do_lower_case") is False:
+        raise PretrainedError(f"{path}: the model is cased (do_lower_case false); ESP's in-graph tokenizer lower-cases")
+    if config.get("strip_accents") is False:
+        raise PretrainedError(f"{path}: strip_accents is false; ESP's in-graph tokenizer strips accents")
+    if config.get("tokenize_chinese_chars") is False:
+        raise PretrainedError(f"{path}: tokenize_chinese_chars is false; ESP's in-graph tokenizer splits Chinese characters")
+
+
+def _load_hf(root: Path):
+    import keras_hub
+
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "bert":
+        raise PretrainedError(f"{root}: model_type is {config.get('model_type')!r}; ESP fine-tunes BERT-architecture encoders")
+    if not ((root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()):
+        raise PretrainedError(f"{root}: no model.safetensors")
+    try:
+        import safetensors  # noqa: F401  (keras-hub reads Hugging Face weights through it)
+    except ImportError:
+        raise PretrainedError("loading Hugging Face weights needs the safetensors package: pip install -e '.[training]'") from None
+    try:
+        return keras_hub.models.BertBackbone.from_preset(str(root))
+    except Exception as exc:  # keras-hub raises several types for a malformed checkpoint
+        raise PretrainedError(f"{root}: cannot load the Hugging Face weights: {exc}") from exc
 
 
 def _load_tf_checkpoint(root: Path):
@@ -96,7 +250,7 @@ def _load_tf_checkpoint(root: Path):
 def google_checkpoint_names(num_layers: int) -> dict[str, str]:
     """keras-hub BertBackbone weight path -> Google BERT checkpoint variable name."""
     names = {
-        "token_embedding/embeddings": "bert/embeddings/word_embeddings",
+        "token_embedding/embeddings": "bert/embeddings/word_embeddings",  # nosec B105: a variable name, not a password
         "position_embedding/embeddings": "bert/embeddings/position_embeddings",
         "segment_embedding/embeddings": "bert/embeddings/token_type_embeddings",
         "embeddings_layer_norm/gamma": "bert/embeddings/LayerNorm/gamma",

@@ -2,16 +2,21 @@
 
 Tokenisation runs once, up front, through the same in-graph Preprocessor the export uses; batches
 are then drawn with length bucketing (rows of similar length together, padded to the longest), so
-CPU time goes into real word pieces rather than padding. Each epoch ends with the dev mean ROC AUC,
-which drives checkpointing and early stopping; `seed` fixes initialisation, order and dropout.
+CPU time goes into real word pieces rather than padding. Each epoch (or each part of one, with
+`evals_per_epoch`) ends with the dev mean ROC AUC, which drives checkpointing and early stopping;
+`seed` fixes initialisation, order and dropout. With teachers (training.distill) the encoder also
+learns their soft targets; with `cross_fit` it trains on all training folds but one, to become
+one of those teachers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +55,10 @@ class TrainResult:
     vocab_path: str
     seed: int
     wide_only_dev_auc: float | None = None  # the logistic-regression wide part alone, before the encoder trains
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage: tokenise, wide_fit, soft_targets, encoder
+    train_rows: int = 0
+    cross_fit: tuple[int, int] | None = None
+    distillation: dict | None = None  # teachers, alpha, rows each teacher scored
 
 
 def configure_tensorflow(seed: int, threads: int = 0) -> None:
@@ -149,37 +158,77 @@ def wide_features(data: Encoded, idf: np.ndarray):
     return csr_matrix((flat_values, flat_indices, indptr), shape=(len(data), len(idf)))
 
 
-def fit_wide_logreg(layer, data: Encoded, c: float, progress: bool = False):
+def fit_wide_logreg(layer, data: Encoded, c: float, progress: bool = False, targets: np.ndarray | None = None,
+                    cache_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Fits the wide part as L2-regularised logistic regression on the exact features the graph
     computes (binary TF-IDF over the row's distinct n-gram ids), then freezes it.
 
     IDF is sklearn's smooth form, log((1 + n) / (1 + df)) + 1, from the training split; n-grams
     never seen in training get IDF 0, so, as in a fitted TfidfVectorizer, they count for nothing.
+    `targets` (probabilities in [0, 1], e.g. labels blended with a teacher's soft targets) replace
+    the labels: each row then counts as a positive with weight t and a negative with weight 1 - t,
+    which is logistic regression's cross-entropy against t.
+
+    With `cache_dir`, a fit is kept under a hash of everything it depends on (the rows' n-gram ids,
+    the targets, C, the table size): models that share a wide part (minilm and default, a student
+    and its reference) fit it once. Returns (idf, coef, bias, facts), facts saying how long the
+    fit took when it ran and whether it came from the cache.
     """
     from sklearn.linear_model import LogisticRegression
     from tqdm import tqdm
 
     n, num_ids = len(data), layer.num_ids
-    df = np.zeros(num_ids, np.int64)
-    for row in data.wide_ids:
-        df[np.unique(row)] += 1
-    idf = np.where(df > 0, np.log((1.0 + n) / (1.0 + df)) + 1.0, 0.0)
-    x = wide_features(data, idf)
-    coef = np.zeros((num_ids, data.labels.shape[1]), np.float32)
-    bias = np.zeros(data.labels.shape[1], np.float32)
-    for j in tqdm(range(data.labels.shape[1]), desc="fitting wide part", disable=not progress, leave=False):
-        y = data.labels[:, j]
-        if 0 < y.sum() < len(y):
-            clf = LogisticRegression(C=c, solver="liblinear", max_iter=1000)
-            clf.fit(x, y)
-            coef[:, j] = clf.coef_[0]
-            bias[j] = clf.intercept_[0]
+    fit_targets = data.labels if targets is None else targets
+    cached = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(f"wide-logreg:{num_ids}:{c!r}:{targets is not None}".encode())
+        digest.update(np.ascontiguousarray(fit_targets, np.float32).tobytes())
+        for row in data.wide_ids:
+            digest.update(np.int64(len(row)).tobytes() + np.ascontiguousarray(row, np.int32).tobytes())
+        cached = Path(cache_dir) / "wide-fits" / f"{digest.hexdigest()[:32]}.npz"
+    if cached is not None and cached.is_file():
+        with np.load(cached) as z:
+            idf, coef, bias, seconds = z["idf"], z["coef"], z["bias"], float(z["seconds"])
+            cpu = float(z["cpu_seconds"]) if "cpu_seconds" in z else math.nan
+        logger.info("wide part from the cache (%s; it took %.0fs to fit)", cached, seconds)
+        facts = {"seconds_to_fit": seconds, "cpu_seconds_to_fit": cpu, "cached": True}
+    else:
+        t0, cpu0 = time.monotonic(), time.process_time()
+        df = np.zeros(num_ids, np.int64)
+        for row in data.wide_ids:
+            df[np.unique(row)] += 1
+        idf = np.where(df > 0, np.log((1.0 + n) / (1.0 + df)) + 1.0, 0.0)
+        x = wide_features(data, idf)
+        coef = np.zeros((num_ids, data.labels.shape[1]), np.float32)
+        bias = np.zeros(data.labels.shape[1], np.float32)
+        if targets is not None:
+            from scipy.sparse import vstack
+
+            x_twice = vstack([x, x]).tocsr()
+            sides = np.r_[np.ones(n), np.zeros(n)]
+        for j in tqdm(range(data.labels.shape[1]), desc="fitting wide part", disable=not progress, leave=False):
+            y = data.labels[:, j]
+            if 0 < y.sum() < len(y):
+                clf = LogisticRegression(C=c, solver="liblinear", max_iter=1000)
+                if targets is None:
+                    clf.fit(x, y)
+                else:
+                    t = np.clip(targets[:, j].astype(np.float64), 0.0, 1.0)
+                    clf.fit(x_twice, sides, sample_weight=np.r_[t, 1.0 - t])
+                coef[:, j] = clf.coef_[0]
+                bias[j] = clf.intercept_[0]
+        facts = {"seconds_to_fit": round(time.monotonic() - t0, 1), "cpu_seconds_to_fit": round(time.process_time() - cpu0, 1), "cached": False}
+        logger.info("wide part fitted by logistic regression on %d rows x %d n-gram ids (%d seen)", n, num_ids, int((df > 0).sum()))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
+            np.savez(tmp, idf=idf, coef=coef, bias=bias, seconds=facts["seconds_to_fit"], cpu_seconds=facts["cpu_seconds_to_fit"])
+            os.replace(tmp, cached)
     layer.idf.assign(idf.astype(np.float32))
     layer.table.assign(coef)
     layer.bias.assign(bias)
     layer.trainable = False
-    logger.info("wide part fitted by logistic regression on %d rows x %d n-gram ids (%d seen)", n, num_ids, int((df > 0).sum()))
-    return idf, coef, bias
+    return idf, coef, bias, facts
 
 
 def out_of_fold_logits(x, labels: np.ndarray, folds: int, c: float) -> np.ndarray:
@@ -205,16 +254,25 @@ def positive_weights(labels: np.ndarray, power: float, cap: float) -> np.ndarray
     return np.minimum(ratio**power, cap).astype(np.float32)
 
 
-def _weighted_bce(pos_weight: np.ndarray):
+def _weighted_bce(pos_weight: np.ndarray, distill_alpha: float | None = None):
+    """The class-weighted cross-entropy on the labels; with `distill_alpha`, y_true is
+    [labels | soft targets] and the loss is (1 - alpha) x that + alpha x cross-entropy against
+    the soft targets (unweighted: the teacher's probabilities already carry its class weighting)."""
     from keras import ops
 
     pw = ops.convert_to_tensor(pos_weight)
+    num_labels = len(pos_weight)
 
     def loss(y_true, logits):
         y_true = ops.cast(y_true, logits.dtype)
+        hard = y_true[:, :num_labels]
         # -[w*y*log(sigmoid(z)) + (1-y)*log(1-sigmoid(z))], in the stable softplus form.
-        per = pw * y_true * ops.softplus(-logits) + (1.0 - y_true) * ops.softplus(logits)
-        return ops.mean(per, axis=-1)
+        per = pw * hard * ops.softplus(-logits) + (1.0 - hard) * ops.softplus(logits)
+        if distill_alpha is None:
+            return ops.mean(per, axis=-1)
+        soft = y_true[:, num_labels:]
+        per_soft = soft * ops.softplus(-logits) + (1.0 - soft) * ops.softplus(logits)
+        return ops.mean((1.0 - distill_alpha) * per + distill_alpha * per_soft, axis=-1)
 
     return loss
 
@@ -239,6 +297,46 @@ def _schedule(peak: float, total_steps: int, warmup_fraction: float):
     return WarmupLinearDecay()
 
 
+def progress_log(total_steps: int, done_steps: int, batch_size: int, every_s: float = 30.0):
+    """A Keras callback that logs a line every `every_s` seconds of a long fit (step, loss,
+    sequences/s, time left): for logs and pipes, where Keras's one-line bar cannot be shown."""
+    import keras
+
+    class ProgressLog(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = self.last = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last < every_s:
+                return
+            self.last = now
+            step = done_steps + batch + 1
+            rate = (batch + 1) / max(now - self.t0, 1e-9)
+            left = (total_steps - step) / rate
+            logger.info("step %d/%d: loss %.4f, %.0f seq/s, about %.0f min left in training",
+                        step, total_steps, float((logs or {}).get("loss", math.nan)), rate * batch_size, left / 60)
+
+    return ProgressLog()
+
+
+def _epoch_label(epoch: float) -> str:
+    return f"{int(epoch):03d}" if float(epoch).is_integer() else f"{epoch:07.3f}"
+
+
+def resolve_pretrained(profile, pretrained: str | None, pretrained_cache_dir: str | None) -> str | None:
+    """The weights to fine-tune: `pretrained` if given, else the profile's own (fetched) ones."""
+    if pretrained or not profile.pretrained:
+        return pretrained
+    from training.pretrained import PretrainedError
+    from training.weights import WeightsError, resolve
+
+    try:
+        return str(resolve(profile.pretrained, pretrained_cache_dir))
+    except WeightsError as exc:
+        raise PretrainedError(f"the {profile.name} profile fine-tunes {profile.pretrained}: {exc}") from None
+
+
 def train(
     data_dir: str,
     profile,
@@ -246,27 +344,63 @@ def train(
     *,
     seed: int = 42,
     pretrained: str | None = None,
+    pretrained_cache_dir: str | None = None,
     cache_dir: str | None = None,
     threads: int = 0,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    teachers: Sequence[str] = (),
+    allow_in_sample_teacher: bool = False,
+    cross_fit: tuple[int, int] | None = None,
 ) -> TrainResult:
-    """Trains `profile` on the prepared data in `data_dir`; checkpoints under `work_dir`."""
+    """Trains `profile` on the prepared data in `data_dir`; checkpoints under `work_dir`.
+
+    `teachers`: exported models whose probabilities are soft targets (training.distill).
+    `cross_fit=(k, K)`: train on every training fold but k, so this model can be teacher k.
+    """
     import keras
     import tensorflow as tf
     from tqdm import tqdm
 
     from training import records
-    from training.model import build_backbone, build_classifier
+    from training.metrics import mean_auc, roc_aucs
+    from training.model import build_backbone, build_classifier, float32_copy, with_dtype
     from training.preprocess import Preprocessor, read_vocab, shipped_vocab_path
 
     configure_tensorflow(seed, threads)
+    timings: dict[str, float] = {}
+    # Missing weights or teachers fail before minutes of reading and tokenising.
+    pretrained = resolve_pretrained(profile, pretrained, pretrained_cache_dir)
+    if teachers:
+        from training.distill import load_teacher
+
+        for teacher in teachers:
+            load_teacher(teacher)
     stats = records.read_stats(data_dir)
     labels = tuple(stats["labels"])
-    train_split = records.read_split(data_dir, "train", len(labels)).head(profile.max_train_rows)
+    train_split = records.read_split(data_dir, "train", len(labels))
+    if cross_fit is not None:
+        from training.distill import fold_mask
+
+        keep = ~fold_mask(train_split.ids, *cross_fit)
+        train_split = records.Split([i for i, k in zip(train_split.ids, keep) if k], [t for t, k in zip(train_split.texts, keep) if k], train_split.labels[keep])
+        logger.info("cross-fit: training on %d rows, fold %d of %d held out", len(train_split), *cross_fit)
+    train_split = train_split.head(profile.max_train_rows)
     dev_split = records.read_split(data_dir, "dev", len(labels)).head(profile.max_dev_rows)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise ValueError(f"{data_dir}: the train and dev splits must both have rows")
+
+    soft = None
+    distillation = None
+    if teachers:
+        from training.distill import soft_targets
+
+        t0 = time.monotonic()
+        soft, distillation = soft_targets(teachers, train_split.ids, train_split.texts, labels, cache_dir=cache_dir,
+                                          allow_in_sample=allow_in_sample_teacher, progress=progress)
+        timings["soft_targets"] = round(time.monotonic() - t0, 1)
+        distillation = {**distillation, "alpha": profile.distill_alpha, "wide_part": "labels and soft targets" if profile.distill_wide else "labels"}
+        logger.info("soft targets for %d training rows in %.0fs (alpha %.2f)", len(soft), timings["soft_targets"], profile.distill_alpha)
 
     backbone = None
     if pretrained:
@@ -284,30 +418,40 @@ def train(
     )
     if backbone is None:
         backbone = build_backbone(profile, len(read_vocab(vocab_path)))
-    model = build_classifier(profile, backbone, len(labels), preprocessor.wide_vocab_size)
+    model = build_classifier(profile, with_dtype(backbone, profile.train_dtype), len(labels), preprocessor.wide_vocab_size)
 
+    t0 = time.monotonic()
     total_rows = len(train_split) + len(dev_split)
     with tqdm(total=total_rows, desc="tokenising", unit="rows", disable=not progress, leave=False) as bar:
         train_data = encode(preprocessor, train_split.texts, train_split.labels, progress=bar.update)
         dev_data = encode(preprocessor, dev_split.texts, dev_split.labels, progress=bar.update)
+    timings["tokenise"] = round(time.monotonic() - t0, 1)
     logger.info("train %d rows (%.1f%% truncated at %d pieces), dev %d rows", len(train_data), 100 * train_data.truncated.mean(), profile.max_seq_len, len(dev_data))
 
     train_offsets = None
+    wide_only_dev_auc = None
     if preprocessor.wide_vocab_size and profile.wide_fit == "logreg":
         t0 = time.monotonic()
-        idf, coef, bias = fit_wide_logreg(model.get_layer("wide"), train_data, profile.wide_logreg_c, progress)
-        from training.metrics import mean_auc, roc_aucs
+        wide_targets = None
+        if soft is not None and profile.distill_wide:
+            wide_targets = (1.0 - profile.distill_alpha) * train_data.labels + profile.distill_alpha * soft
+        from training.preprocess import DEFAULT_CACHE_DIR
 
+        idf, coef, bias, facts = fit_wide_logreg(model.get_layer("wide"), train_data, profile.wide_logreg_c, progress, targets=wide_targets,
+                                                 cache_dir=Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
         wide_dev = 1 / (1 + np.exp(-(wide_features(dev_data, idf) @ coef + bias)))
         wide_only_dev_auc = mean_auc(roc_aucs(labels, dev_data.labels, wide_dev))
-        logger.info("wide part fitted by logistic regression in %.0fs: alone, dev mean ROC AUC %.4f", time.monotonic() - t0, wide_only_dev_auc)
+        timings["wide_fit"] = round(time.monotonic() - t0, 1)
+        # A cached fit costs seconds here but took this long once: what a fresh run pays.
+        timings["wide_fit_uncached"] = facts["seconds_to_fit"] if facts["cached"] else timings["wide_fit"]
+        timings["wide_fit_cpu_uncached"] = facts["cpu_seconds_to_fit"]
+        timings["wide_fit_cached"] = facts["cached"]
+        logger.info("wide part ready in %.0fs: alone, dev mean ROC AUC %.4f", timings["wide_fit"], wide_only_dev_auc)
 
         if profile.wide_oof_folds > 1:
             t0 = time.monotonic()
             train_offsets = out_of_fold_logits(wide_features(train_data, idf), train_data.labels, profile.wide_oof_folds, profile.wide_logreg_c)
             logger.info("%d-fold out-of-fold wide logits in %.0fs", profile.wide_oof_folds, time.monotonic() - t0)
-    else:
-        wide_only_dev_auc = None
 
     lengths = np.array([len(t) for t in train_data.token_ids])
     steps_per_epoch = math.ceil(len(train_data) / profile.batch_size)
@@ -327,7 +471,8 @@ def train(
         offset_in = keras.Input(shape=(len(labels),), dtype="float32", name="wide_offset")
         fit_inputs = {"token_ids": model.input["token_ids"], "padding_mask": model.input["padding_mask"], "wide_offset": offset_in}
         fit_model = keras.Model(fit_inputs, keras.layers.Add()([model.get_layer("deep_logits").output, offset_in]))
-    fit_model.compile(optimizer=optimizer, loss=_weighted_bce(pos_weight))
+    fit_model.compile(optimizer=optimizer, loss=_weighted_bce(pos_weight, profile.distill_alpha if soft is not None else None))
+    targets = train_data.labels if soft is None else np.concatenate([train_data.labels, soft], axis=1).astype(np.float32)
 
     ckpt_dir = Path(work_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -342,55 +487,71 @@ def train(
     specs = {"padding_mask": tf.TensorSpec([None, None], tf.bool), "wide_offset": tf.TensorSpec([None, len(labels)], tf.float32)}
     signature = (
         {k: specs.get(k, tf.TensorSpec([None, None], tf.int32)) for k in fit_batch([0])},
-        tf.TensorSpec([None, len(labels)], tf.float32),
+        tf.TensorSpec([None, targets.shape[1]], tf.float32),
     )
 
     history: list[dict] = []
-    best = (-math.inf, 0)
-    bad_epochs = 0
+    best = (-math.inf, 0.0)
+    bad_evals = 0
+    done_steps = 0
+    evals = max(1, profile.evals_per_epoch)
+    # Keras's bar rewrites one line: on a terminal. Piped into a log it is thousands of lines; there a
+    # log line every 30 s (progress_log) and the per-evaluation summary (on_epoch) say what matters.
+    keras_bar = 1 if progress and sys.stdout.isatty() else 0
     started = time.monotonic()
+    stop = False
     for epoch in range(1, profile.epochs + 1):
         rng = np.random.default_rng([seed, epoch])
         batches = bucketed_batches(lengths, profile.batch_size, rng)
+        bounds = np.linspace(0, len(batches), evals + 1).round().astype(int)
+        for part in range(evals):
+            chunk = batches[bounds[part] : bounds[part + 1]]
+            if not chunk:
+                continue
 
-        def gen(batches=batches) -> Iterator:
-            for idx in batches:
-                yield fit_batch(idx), train_data.labels[idx]
+            def gen(chunk=chunk) -> Iterator:
+                for idx in chunk:
+                    yield fit_batch(idx), targets[idx]
 
-        dataset = tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2)
-        t0 = time.monotonic()
-        # Keras's bar rewrites one line: on a terminal. Piped into a log it is thousands of lines, and
-        # the per-epoch summary (on_epoch) already says what matters.
-        keras_bar = 1 if progress and sys.stdout.isatty() else 0
-        fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=keras_bar)
-        dev_probs = predict_probabilities(model, dev_data)
-        from training.metrics import mean_auc, roc_aucs
-
-        aucs = roc_aucs(labels, dev_data.labels, dev_probs)
-        record = {
-            "epoch": epoch,
-            "loss": float(fit.history["loss"][-1]),
-            "dev_mean_roc_auc": mean_auc(aucs),
-            "dev_roc_auc": aucs,
-            "seconds": round(time.monotonic() - t0, 1),
-        }
-        history.append(record)
-        logger.info("epoch %d/%d: loss %.4f, dev mean ROC AUC %.4f (%.0fs)", epoch, profile.epochs, record["loss"], record["dev_mean_roc_auc"], record["seconds"])
-        if on_epoch:
-            on_epoch(record)
-        model.save_weights(ckpt_dir / f"epoch-{epoch:03d}.weights.h5")
-        if record["dev_mean_roc_auc"] > best[0]:
-            best = (record["dev_mean_roc_auc"], epoch)
-            bad_epochs = 0
-            model.save_weights(ckpt_dir / "best.weights.h5")
-        else:
-            bad_epochs += 1
-            if bad_epochs >= profile.early_stopping_patience:
-                logger.info("early stopping: dev mean ROC AUC has not improved for %d epochs", bad_epochs)
-                break
+            dataset = tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2)
+            t0 = time.monotonic()
+            cbs = [] if keras_bar else [progress_log(total_steps, done_steps, profile.batch_size)]
+            fit = fit_model.fit(dataset, epochs=1, steps_per_epoch=len(chunk), shuffle=False, verbose=keras_bar, callbacks=cbs)
+            done_steps += len(chunk)
+            dev_probs = predict_probabilities(model, dev_data)
+            aucs = roc_aucs(labels, dev_data.labels, dev_probs)
+            at = epoch - 1 + (part + 1) / evals
+            at = int(at) if float(at).is_integer() else round(at, 3)
+            record = {
+                "epoch": at,
+                "step": done_steps,
+                "loss": float(fit.history["loss"][-1]),
+                "dev_mean_roc_auc": mean_auc(aucs),
+                "dev_roc_auc": aucs,
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+            history.append(record)
+            logger.info("epoch %s/%d: loss %.4f, dev mean ROC AUC %.4f (%.0fs)", at, profile.epochs, record["loss"], record["dev_mean_roc_auc"], record["seconds"])
+            if on_epoch:
+                on_epoch(record)
+            model.save_weights(ckpt_dir / f"epoch-{_epoch_label(at)}.weights.h5")
+            if record["dev_mean_roc_auc"] > best[0]:
+                best = (record["dev_mean_roc_auc"], at)
+                bad_evals = 0
+                model.save_weights(ckpt_dir / "best.weights.h5")
+            else:
+                bad_evals += 1
+                if bad_evals >= profile.early_stopping_patience:
+                    logger.info("early stopping: dev mean ROC AUC has not improved for %d evaluations", bad_evals)
+                    stop = True
+                    break
+        if stop:
+            break
     train_seconds = time.monotonic() - started
+    timings["encoder"] = round(train_seconds, 1)
     if best[1] != history[-1]["epoch"]:
         model.load_weights(ckpt_dir / "best.weights.h5")
+    model = float32_copy(profile, model)
     dev_probs = predict_probabilities(model, dev_data)
     (Path(work_dir) / "history.json").write_text(json.dumps(history, indent=2))
     return TrainResult(
@@ -407,4 +568,8 @@ def train(
         vocab_path=str(vocab_path),
         seed=seed,
         wide_only_dev_auc=wide_only_dev_auc,
+        timings=timings,
+        train_rows=len(train_data),
+        cross_fit=cross_fit,
+        distillation=distillation,
     )

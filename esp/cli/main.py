@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "serve": "esp.cli.serve_cmd:serve",
     "score": "esp.cli.serve_cmd:score",
     "api": "esp.cli.api_cmd:api",
+    "pretrained": "esp.cli.pretrained_cmd:pretrained",
 }
 
 

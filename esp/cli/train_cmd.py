@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from esp.errors import EspError
-from esp.settings import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings, build, click_options
+from esp.settings import DataSettings, LogSettings, PrepareDataSettings, PretrainedSettings, ReportSettings, TrainSettings, build, click_options
 
 
 def _fail_missing(exc: Exception) -> EspError:
@@ -40,7 +40,7 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
     config = PrepareConfig(
         input_patterns=prep.patterns(),
         output_dir=data.data_dir,
-        id_column=prep.id_column,
+        id_column=prep.id_column.strip(),
         text_column=prep.text_column,
         label_columns=prep.labels(),
         input_format=prep.input_format,
@@ -69,26 +69,42 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
 @click.command()
 @click_options(DataSettings)
 @click_options(TrainSettings)
+@click_options(PretrainedSettings)
 @click_options(ReportSettings)
+@click_options(LogSettings)
 @click.option("--overwrite", is_flag=True, help="Replace the export version if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(overwrite: bool, no_progress: bool, **options: object) -> None:
-    """Train the BERT toxicity classifier, export it for TF Serving, and write the evaluation report.
+    """Train a classifier on prepared data, export it for TF Serving, and write the evaluation report.
 
-    Profiles: tiny (tests, seconds), demo (a few minutes), default (the shipped quality, about 20
-    minutes on 2 cores), base (BERT-base, for an accelerator, usually with --pretrained).
+    The labels are those `esp prepare-data` was given (--label-columns): Jigsaw's six by default,
+    any 0/1 columns of another data set otherwise; serve such a model under its own --model-name.
+    Profiles: tiny (tests, seconds), demo (a few minutes), default (the shipped model, about 10
+    minutes on 2 cores), minilm (fine-tunes the pretrained all-MiniLM-L6-v2 fetched by `esp
+    pretrained fetch`; an hour or more on 2 cores), base (BERT-base, for an accelerator, with
+    --pretrained). --teacher distils exported teachers into the profile's model;
+    --cross-fit-fold k/K trains one of K cross-fit teachers.
     Exports <export-base-path>/<version>/ per docs/model-contract.md and reports to --report-dir.
     """
+    from esp.logs import configure_logging
+
+    configure_logging(build(LogSettings, options))
     data = build(DataSettings, options)
     ts = build(TrainSettings, options)
+    ps = build(PretrainedSettings, options)
     rs = build(ReportSettings, options)
     if ts.pretrained and not Path(ts.pretrained).is_dir():
         raise click.BadParameter(f"{ts.pretrained!r} is not a directory", param_hint="--pretrained")
+    for teacher in ts.teacher_dirs():
+        if not Path(teacher).is_dir():
+            raise click.BadParameter(f"{teacher!r} is not a directory", param_hint="--teacher")
+    from training.distill import TeacherError
     from training.pretrained import PretrainedError
     from training.profiles import get_profile
     from training.pipeline import train_and_export
 
-    profile = get_profile(ts.profile, epochs=ts.epochs, max_train_rows=ts.max_train_rows)
+    profile = get_profile(ts.profile, epochs=ts.epochs, max_train_rows=ts.max_train_rows, distill_alpha=ts.distill_alpha)
+    work_name = profile.name + (f"-fold{ts.fold()[0]}of{ts.fold()[1]}" if ts.fold() else "") + ("-distilled" if ts.teacher_dirs() else "")
 
     def on_epoch(record: dict) -> None:
         click.echo(
@@ -101,11 +117,16 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
         out = train_and_export(
             data_dir=data.data_dir,
             profile=profile,
-            work_dir=str(Path(ts.work_dir) / profile.name),
-            export_base_path=ts.export_base_path,
+            work_dir=str(Path(ts.work_dir) / work_name),
+            export_base_path=ts.base_path(),
             export_version=ts.export_version,
             seed=ts.seed,
             pretrained=ts.pretrained,
+            pretrained_cache_dir=ps.pretrained_cache_dir,
+            model_name=ts.model_name,
+            teachers=ts.teacher_dirs(),
+            allow_in_sample_teacher=ts.allow_in_sample_teacher,
+            cross_fit=ts.fold(),
             cache_dir=ts.cache_dir,
             threads=ts.threads,
             target_precision=rs.target_precision,
@@ -116,9 +137,9 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
             on_epoch=on_epoch,
             overwrite=overwrite,
         )
-    except (FileNotFoundError, FileExistsError, PretrainedError) as exc:
+    except (FileNotFoundError, FileExistsError, PretrainedError, TeacherError) as exc:
         raise _fail_missing(exc) from None
-    click.echo(f"exported {out['version_dir']} (profile {profile.name}, best epoch {out['best_epoch']}, trained in {out['train_seconds']:.0f}s)")
+    click.echo(f"exported {out['version_dir']} as model {ts.model_name} (profile {profile.name}, best epoch {out['best_epoch']}, trained in {out['train_seconds']:.0f}s)")
     click.echo(f"test mean ROC AUC {out['test']['mean_roc_auc']:.4f} (dev {out['dev_mean_roc_auc']:.4f})")
     report = out["report"]
     if report and "tfidf_logreg" in report:
@@ -128,28 +149,36 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
 @click.command()
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="An exported version directory (<base>/<version>/) or a base path (the highest version is used).")
+@click.option("--compare-with", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Another exported model (version or base directory): the paired bootstrap 95% CI of the difference in mean ROC AUC on the same test rows.")
 @click_options(DataSettings)
 @click_options(ReportSettings)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def evaluate(model_dir: str, no_progress: bool, **options: object) -> None:
+def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **options: object) -> None:
     """Evaluate an exported model on the held-out test split, beside TF-IDF and alt-profanity-check."""
     data = build(DataSettings, options)
     rs = build(ReportSettings, options)
-    path = Path(model_dir)
-    if not (path / "saved_model.pb").is_file():
-        versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()))
-        if not versions:
-            raise click.BadParameter(f"{model_dir} holds no SavedModel version", param_hint="--model-dir")
-        path = path / str(versions[-1])
+    from esp.scoring import ModelNotFound
+    from serving.saved_model import resolve_version_dir
+    from training.compare import NotComparable
     from training.evaluate import evaluate as run_evaluate
     from training.pipeline import DEFAULT_SAMPLE
 
     try:
+        path, _ = resolve_version_dir(model_dir)
+        other = resolve_version_dir(compare_with)[0] if compare_with else None
+    except ModelNotFound as exc:
+        raise click.BadParameter(str(exc), param_hint="--model-dir/--compare-with") from None
+    try:
         result = run_evaluate(path, data.data_dir, rs.report_dir, baselines=rs.baselines, natural_prevalence=rs.natural_toxic_prevalence,
-                              sample_path=DEFAULT_SAMPLE, progress=not no_progress)
-    except FileNotFoundError as exc:
+                              sample_path=DEFAULT_SAMPLE, progress=not no_progress, compare_with=other)
+    except (FileNotFoundError, NotComparable) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"{path}: test mean ROC AUC {result['model']['mean_roc_auc']:.4f} on {result['test_rows']} comments")
+    if "compared_with" in result:
+        c = result["compared_with"]
+        click.echo(f"minus {c['version_dir']} ({c['mean_roc_auc']:.4f}): {c['difference']:+.4f}, 95% CI [{c['low']:+.4f}, {c['high']:+.4f}] "
+                   f"(paired bootstrap on the same rows, {c['resamples']} resamples)")
     for key, name in (("tfidf_logreg", "TF-IDF word+char + LogReg"), ("tfidf_logreg_word", "TF-IDF word + LogReg"), ("profanity_check", "alt-profanity-check (optimistic: trained on Jigsaw)")):
         if key in result:
             click.echo(f"{name}: {result[key]['mean_roc_auc']:.4f}")

@@ -13,10 +13,10 @@ from esp.settings.logs import LogSettings
 from esp.settings.pubsub import PubSubSettings
 from esp.settings.serving import ModelClientSettings, ModelServerSettings
 from esp.settings.worker import WorkerSettings
-from esp.settings.training import DataSettings, PrepareDataSettings, ReportSettings, TrainSettings
+from esp.settings.training import DataSettings, PrepareDataSettings, PretrainedSettings, ReportSettings, TrainSettings
 from esp.settings.backfill import BackfillSettings, BigQuerySettings
 
-ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, BatchingSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings]
+ALL_GROUPS: list[type] = [PubSubSettings, CommentSettings, DeadLetterSettings, LogSettings, ModelClientSettings, ModelServerSettings, BatchingSettings, WorkerSettings, DataSettings, PrepareDataSettings, TrainSettings, ReportSettings, PretrainedSettings]
 ALL_GROUPS += [BigQuerySettings, BackfillSettings]
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ModelClientSettings",
     "ModelServerSettings",
     "PrepareDataSettings",
+    "PretrainedSettings",
     "PubSubSettings",
     "ReportSettings",
     "TrainSettings",
