@@ -107,7 +107,7 @@ def test_the_worker_scores_the_second_task_under_its_own_model_name(
     from serving.saved_model import SavedModelScorer
 
     server = start_model_server(tickets_model, model_name="tickets")
-    start_worker(stream.settings, model_client_settings(server, model_name="tickets"), fast_worker_settings(worker_id="tickets-worker"))
+    start_worker(stream.settings, model_client_settings(server, model_name="tickets"), *fast_worker_settings(worker_id="tickets-worker"))
     rows = ticket_rows(60, seed=99)
     comments = [(f"t-{i}", r["body"]) for i, r in enumerate(rows)]
     stream.publish_comments(comments)
