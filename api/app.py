@@ -6,8 +6,8 @@ per request of this on the same uvicorn (docs/api.md), and the API's budget is 0
 Order of checks for a scoring request, each with its own status and reason:
 route (404/405) -> API key (401 missing, 403 unknown) -> body size (413, from Content-Length before
 reading) -> body read within api_read_timeout_s (408) -> JSON (400) -> the endpoint's own
-validation (400/413) -> rate limit (429) -> scoring (429 queue full, 503 model unavailable,
-504, 422 refused by the model) -> 200. An exception nobody foresaw is logged with its traceback
+validation (400/413) -> rate limit (429) -> scoring (429 queue full, 503 model unavailable or no
+score by the deadline, 422 refused by the model) -> 200. An exception nobody foresaw is logged with its traceback
 (keys redacted) and answered 500 with reason `internal` and an incident id, never a dropped
 connection.
 """
@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,7 +33,7 @@ from api.keys import KeyEntry, KeyStore
 from api.metrics import ApiMetrics
 from api.native import generated_prefix, parse_score_request
 from api.openapi import build_openapi
-from api.redact import printable_path
+from api.redact import printable_path, query_key
 from api.service import Refused, ScoringService, refused_error
 from esp.contracts import InvalidComment, comment_from_fields
 from esp.settings.api import ApiSettings
@@ -221,9 +220,8 @@ class ApiApp:
     def _authenticate(self, request: Request) -> KeyEntry:
         assert self.keys is not None
         key = request.header(b"x-goog-api-key")
-        if key is None and b"key=" in request.query:
-            values = parse_qs(request.query.decode("latin-1")).get("key")
-            key = values[0] if values else None
+        if key is None:
+            key = query_key(request.query.decode("latin-1"))
         if not key:
             raise ApiError(401, Reason.MISSING_API_KEY, "this API needs a key: pass ?key=KEY or the X-Goog-Api-Key header")
         entry = self.keys.lookup(key)
@@ -308,7 +306,8 @@ class ApiApp:
 
     async def _analyze(self, request: Request) -> tuple[int, bytes, bytes, list]:
         obj = await self._body_json(request, perspective=True)
-        attributes = pv.attribute_map(await self.service.labels())
+        deadline = self.service.deadline()  # for the labels and the scores together
+        attributes = pv.attribute_map(await self.service.labels(deadline))
         pv.check_labels_known(attributes)
         parsed = pv.parse_analyze(
             obj,
@@ -326,7 +325,7 @@ class ApiApp:
         except InvalidComment as exc:
             raise ApiError(400, exc.error_type, exc.reason, perspective_type="INVALID_REQUEST") from None
         self._charge(request, len(comments))
-        outcomes = await self.service.score(comments)
+        outcomes = await self.service.score(comments, deadline=deadline)
         self.metrics.scored("analyze", len(outcomes))
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, Refused):

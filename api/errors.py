@@ -64,7 +64,6 @@ class Reason:
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
     MODEL_UNAVAILABLE = "model_unavailable"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
     FEEDBACK_UNAVAILABLE = "feedback_unavailable"
     CORS_ORIGIN_NOT_ALLOWED = "cors_origin_not_allowed"
     SHUTTING_DOWN = "shutting_down"

@@ -206,8 +206,7 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         413: "Over a size limit (body, comments per request, text).",
         422: "The model refused this comment.",
         429: "Rate limit of the key, or the scoring queue is full; see Retry-After.",
-        503: "The model server (or the feedback topic) is unavailable; see Retry-After.",
-        504: "No answer within the request deadline.",
+        503: "The model server (or the feedback topic) is unavailable, or gave no score within the request deadline; see Retry-After.",
     }
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     return {str(c): {"description": meaning[c], "content": ref} for c in codes}
@@ -230,7 +229,7 @@ def _ok(schema: str) -> dict[str, Any]:
 
 
 def build_openapi(settings: ApiSettings) -> dict[str, Any]:
-    common = (400, 401, 403, 408, 413, 429, 503, 504)
+    common = (400, 401, 403, 408, 413, 429, 503)
     key_params = [
         {"name": "key", "in": "query", "required": False, "schema": {"type": "string"}, "description": "API key (or the X-Goog-Api-Key header)."}
     ]

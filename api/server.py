@@ -8,12 +8,14 @@ and the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.app import ApiApp
 from api.feedback import FeedbackPublisher
@@ -27,6 +29,11 @@ from esp.settings import BatchingSettings, CommentSettings, LogSettings, ModelCl
 from esp.settings.api import ApiSettings
 
 log = logging.getLogger(__name__)
+
+# The longest request head (request line and headers) served, bytes: a browser's is 1-2 KiB.
+# httptools sets no limit and buffers a header line however long it grows, so without one a client
+# could fill the pod's memory before any key is checked.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -113,7 +120,7 @@ def serve(
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            http=bounded_httptools(MAX_HEAD_BYTES, head_timeout_s=settings.api_read_timeout_s),
             lifespan="off",
             access_log=False,  # ours (api.access) redacts keys and counts comments
             log_config=None,
@@ -147,3 +154,73 @@ class _Server(uvicorn.Server):
         # uvicorn re-raises a captured signal once it has stopped, which would kill the process
         # before the engine drains; ESP finishes its batches and exits 0 by itself instead.
         self._captured_signals.clear()
+
+
+def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, with the request head bounded in size and in time.
+
+    A head over `max_head_bytes` is answered 431 and the connection closed; a head still
+    incomplete `head_timeout_s` after its first byte (or after the connection opened) closes the
+    connection: a client trickling headers holds nothing for long. Between requests uvicorn's own
+    keep-alive timeout applies.
+    """
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes: int | None = None  # bytes of the request head so far; None between heads
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_started()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_done()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._head_bytes is None:
+                self._head_started()
+
+        def on_headers_complete(self) -> None:
+            self._head_done()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            in_head = self._head_bytes is not None
+            super().data_received(data)
+            if in_head and self._head_bytes is not None:  # this whole chunk was head
+                self._head_bytes += len(data)
+                if self._head_bytes > max_head_bytes:
+                    self._refuse_head()
+
+        def _head_started(self) -> None:
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+
+        def _head_done(self) -> None:
+            self._head_bytes = None
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self._head_bytes is not None and not self.transport.is_closing():
+                self._head_bytes = None
+                self.transport.close()
+
+        def _refuse_head(self) -> None:
+            self._head_done()
+            if self.transport.is_closing():
+                return
+            log.warning("a request head over %d bytes from %s: answered 431", max_head_bytes, self.client[0] if self.client else "?")
+            message = f"request head over {max_head_bytes} bytes\n".encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message
+            )
+            self.transport.close()
+
+    return BoundedHttpToolsProtocol

@@ -4,11 +4,18 @@ Every comment of every concurrent request goes to the one `esp.engine.ScoringEng
 micro-batches them (length-grouped) into Predict calls: many single-comment callers cost what one
 batched caller costs. This module only turns the engine's outcomes into answers:
 
-- the engine's queue is full (`QueueFull`)                  -> 429 queue_full, Retry-After;
-- the model server stayed unavailable until the deadline    -> 503 model_unavailable, Retry-After;
-- the engine did not answer by the deadline (plus a margin) -> 504 deadline_exceeded (never hang);
+- the request's comments do not all fit in the engine's queue -> 429 queue_full, Retry-After;
+  a request is queued whole or not at all, so a refused one leaves nothing to score for nobody;
+- no score by the deadline, whatever the model server does (down, frozen, slow) or the engine
+  is busy with                                                -> 503 model_unavailable,
+  Retry-After. The service keeps the deadline itself: a frozen model server holds the engine's
+  threads for a whole RPC timeout, and no request waits that out;
 - the model refused one comment (`Rejected`)                 -> that comment's own error, its
   neighbours scored.
+
+The deadline covers all the model work of a request: asking the model for its labels (which only
+happens before its first batch; one lookup at a time, shared by every request waiting for it) and
+scoring.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ from esp.engine import QueueFull, Rejected, Scored, Unavailable
 
 log = logging.getLogger(__name__)
 
-# How long past its deadline a request still waits for the engine's own answer (a 503 with the
-# reason) before answering 504 itself: the engine resolves at the deadline, this is only a guard.
-DEADLINE_MARGIN_S = 1.0
+# How long past its deadline a request still waits for the engine's own answer (its sweep of
+# expired comments runs every 50 ms) before answering 503 itself.
+DEADLINE_MARGIN_S = 0.05
 SHUTTING_DOWN = "shutting down"  # the engine's Unavailable reason once stop() began
 
 
@@ -65,6 +72,11 @@ class ScoringService:
         self.unavailable_retry_after_s = unavailable_retry_after_s
         self.queue_retry_after_s = queue_retry_after_s
         self._clock = clock
+        self._labels_lookup: asyncio.Future | None = None
+
+    def deadline(self) -> float:
+        """The deadline of a request starting now, on the service's clock."""
+        return self._clock() + self.deadline_s
 
     def attach(self, engine: Any) -> ScoringService:
         self.engine = engine
@@ -80,30 +92,44 @@ class ScoringService:
         except RuntimeError:  # the loop is closed: the server stopped, nobody waits any more
             pass
 
-    async def labels(self) -> tuple[str, ...]:
-        """The labels of the model version being served, or () while the model has not answered.
+    async def labels(self, deadline: float | None = None) -> tuple[str, ...]:
+        """The labels of the model version being served, or () while the model has not answered
+        (or did not by `deadline`).
 
         The engine knows them for free from the last batch; only before the first one does asking
-        cost a GetModelMetadata call (off the event loop).
+        cost a GetModelMetadata call (off the event loop). One such call at a time, shared by every
+        request that waits for it: a frozen model server holds one thread, not one per request.
         """
         if self.engine.answered_labels:  # the common case: no executor hop, no RPC
             return self.engine.answered_labels
-        loop = asyncio.get_running_loop()
+        deadline = self.deadline() if deadline is None else deadline
+        lookup = self._labels_lookup
+        if lookup is None or lookup.done():
+            lookup = self._labels_lookup = asyncio.get_running_loop().run_in_executor(None, self.engine.labels)
         try:
-            return tuple(await loop.run_in_executor(None, self.engine.labels))
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                return tuple(await asyncio.shield(lookup))
+        except TimeoutError:
+            log.info("model labels unknown: the model server did not answer within the request deadline")
+            return ()
         except Exception as exc:  # noqa: BLE001 - any failure means "not known now"; /readyz says why
             log.info("model labels unknown: %s", exc)
             return ()
 
-    async def score(self, comments: Sequence[Comment]) -> list[Outcome]:
-        deadline = self._clock() + self.deadline_s
+    async def score(self, comments: Sequence[Comment], *, deadline: float | None = None) -> list[Outcome]:
+        """Each comment's outcome, or ApiError 429/503 for the whole request; see the module docstring."""
+        deadline = self.deadline() if deadline is None else deadline
         loop = self._loop = asyncio.get_running_loop()
-        waits = []
+        if self.engine.max_queued is not None and len(comments) > self.engine.max_queued:
+            raise ApiError(
+                413,
+                Reason.TOO_MANY_COMMENTS,
+                f"this request has {len(comments)} comments to score, more than the scoring queue holds "
+                f"({self.engine.max_queued}, ESP_API_MAX_QUEUED)",
+            )
+        waits = [loop.create_future() for _ in comments]
         try:
-            for comment in comments:
-                waiter = loop.create_future()
-                self.engine.submit(comment, deadline=deadline, context=waiter)
-                waits.append(waiter)
+            self.engine.submit_all(comments, deadline=deadline, contexts=waits)
         except QueueFull:
             raise ApiError(
                 429,
@@ -116,13 +142,15 @@ class ScoringService:
                 # One comment (the common request) needs no gather: one task less per request.
                 results = [await waits[0]] if len(waits) == 1 else await asyncio.gather(*waits)
         except TimeoutError:
-            raise ApiError(
-                504,
-                Reason.DEADLINE_EXCEEDED,
-                f"no score within the request deadline of {self.deadline_s:g} s",
-                retry_after_s=self.unavailable_retry_after_s,
-            ) from None
+            # The engine could not answer in time (its threads wait on the model server): answer for it.
+            reason = self.engine.not_ready() or "no answer from the model server"
+            raise self._unavailable(f"no score within the request deadline of {self.deadline_s:g} s: {reason}") from None
         return [self._outcome(r) for r in results]
+
+    def _unavailable(self, reason: str) -> ApiError:
+        if reason.endswith(SHUTTING_DOWN):
+            return ApiError(503, Reason.SHUTTING_DOWN, "the API is shutting down; another replica will answer", retry_after_s=1)
+        return ApiError(503, Reason.MODEL_UNAVAILABLE, reason, retry_after_s=self.unavailable_retry_after_s)
 
     def _outcome(self, result: Any) -> Outcome:
         if isinstance(result, Scored):
@@ -130,14 +158,7 @@ class ScoringService:
         if isinstance(result, Rejected):
             return Refused(result.error_type, result.reason)
         if isinstance(result, Unavailable):
-            if result.reason == SHUTTING_DOWN:
-                raise ApiError(503, Reason.SHUTTING_DOWN, "the API is shutting down; another replica will answer", retry_after_s=1)
-            raise ApiError(
-                503,
-                Reason.MODEL_UNAVAILABLE,
-                f"the model server is unavailable: {result.reason}",
-                retry_after_s=self.unavailable_retry_after_s,
-            )
+            raise self._unavailable(SHUTTING_DOWN if result.reason == SHUTTING_DOWN else f"the model server is unavailable: {result.reason}")
         raise ApiError(500, Reason.INTERNAL, f"the scoring engine answered {type(result).__name__}, which this API does not know")
 
 

@@ -191,6 +191,29 @@ class ScoringEngine:
             self._cond.notify()
         return job.future
 
+    def submit_all(
+        self, comments: Sequence[Comment], *, deadline: float | None = None, contexts: Sequence[Any] | None = None
+    ) -> list[concurrent.futures.Future]:
+        """Queues all of `comments` or none of them (QueueFull): a caller that needs every score, an
+        HTTP request, would otherwise leave the ones queued before the refusal scored for nobody."""
+        jobs = [
+            Job(comment, context, deadline, None, concurrent.futures.Future())
+            for comment, context in zip(comments, contexts or [None] * len(comments), strict=True)
+        ]
+        with self._cond:
+            if not self._stopping.is_set():  # checked under the lock stop() drains under
+                if self.max_queued is not None and len(self._batcher) + len(jobs) > self.max_queued:
+                    raise QueueFull(f"{len(jobs)} comments do not fit: {len(self._batcher)} of {self.max_queued} places taken")
+                now = self._clock()
+                for job in jobs:
+                    self._batcher.add(job, now)
+                if deadline is not None:
+                    self._with_deadline += len(jobs)
+                self._cond.notify()
+                return [job.future for job in jobs]
+        self._deliver([(job, Unavailable("shutting down")) for job in jobs])
+        return [job.future for job in jobs]
+
     @property
     def answered_labels(self) -> tuple[str, ...]:
         """The labels of the model version that answered last, without asking anyone; () before."""

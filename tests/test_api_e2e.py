@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -185,6 +186,46 @@ def test_every_limit_and_error_path_has_its_status_and_reason(start_api) -> None
     assert "Traceback" not in api.log_path.read_text()  # type: ignore[union-attr]
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_an_endless_or_trickling_request_head_is_cut_off(start_api) -> None:
+    """Before any key is checked, a client can send a header line that never ends (httptools sets
+    no limit: the API would buffer all of it) or a head that never completes (holding the
+    connection forever). Both are cut off: 431 past 64 KiB, the connection closed after the read
+    timeout, and the API's memory does not grow with what was sent."""
+    api = start_api(ApiSettings(api_read_timeout_s=1.0))
+    before = _rss_mib(api.pid)
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: ")
+            for _ in range(48):
+                sock.sendall(b"a" * (1 << 20))
+                sent += 1 << 20
+        except OSError:
+            pass  # the server closed the connection, as it should
+        try:
+            answer = sock.recv(1000)
+        except OSError:
+            pass  # a reset can overtake the answer
+    grown = _rss_mib(api.pid) - before
+    assert sent < 8 << 20, f"the API read {sent >> 20} MiB of one header line without cutting it off"
+    assert grown < 16, f"the API's RSS grew by {grown:.0f} MiB while {sent >> 20} MiB of one header line arrived"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer
+    for opening in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):  # nothing at all; a head that stops
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(opening)
+            started = time.monotonic()
+            assert sock.recv(1000) == b"", "the server answered a request that never arrived"
+            assert time.monotonic() - started < 1.0 + 2.0, "the incomplete head held its connection past the read timeout"
+    assert api.request("GET", "/healthz")[0] == 200
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.binary(max_size=300) | st.text(max_size=200).map(str.encode), path=st.sampled_from(["/v1/score", "/v1alpha1/comments:analyze", "/v1alpha1/comments:suggestscore"]))
 def test_hostile_bodies_never_get_a_500(shared_api: ApiProcess, body: bytes, path: str) -> None:
@@ -245,6 +286,59 @@ def test_outage_answers_503_within_the_deadline_a_full_queue_429_and_both_recove
     assert api.post_json("/v1/score", {"text": "back"})[0] == 200
 
 
+def test_a_frozen_model_server_gets_every_request_a_503_within_its_deadline(start_api, start_model_server, test_model_base: Path) -> None:
+    """A model server that accepts connections and never answers (SIGSTOP: a hung pod, a blackhole)
+    holds the engine's threads for the model client's whole RPC timeout (5 s here). Requests must
+    not wait for it: before the first batch (analyze asks the model for its labels), with a batch
+    stuck at the model server, and while the engine's probe hangs, each answers 503 + Retry-After
+    by its own 2 s deadline."""
+    server = start_model_server(test_model_base)
+    api = start_api(ApiSettings(api_request_deadline_s=2.0), model_server=server)  # ready, nothing scored yet
+    limit_s = 2.0 + 0.5  # the deadline, plus HTTP on a shared 2-core machine
+
+    def timed(path: str, body: dict) -> tuple[int, str | None, float]:
+        started = time.monotonic()
+        status, headers, _ = api.post_json(path, body, timeout_s=60)
+        return status, headers.get("retry-after"), time.monotonic() - started
+
+    analyze = {"comment": {"text": "you are great"}, "requestedAttributes": {"TOXICITY": {}}}
+    server.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            first = [pool.submit(timed, "/v1alpha1/comments:analyze", analyze) for _ in range(6)]
+            first += [pool.submit(timed, "/v1/score", {"text": f"frozen {i}"}) for i in range(6)]
+            answers = [f.result() for f in first]
+        end = time.monotonic() + 6  # past the client's 5 s RPC timeout: the engine is in its outage now
+        while time.monotonic() < end:
+            answers.append(timed("/v1/score", {"text": "still frozen"}))
+    finally:
+        server.send_signal(signal.SIGCONT)
+    late = [(status, retry, round(t, 1)) for status, retry, t in answers if status != 503 or retry is None or t > limit_s]
+    assert not late, f"{len(late)} of {len(answers)} answers were not a 503 with Retry-After within {limit_s} s: {late}"
+    wait_until(lambda: api.post_json("/v1/score", {"text": "thawed"})[0] == 200, timeout_s=60, what="scoring after SIGCONT")
+    assert api.post_json("/v1alpha1/comments:analyze", analyze)[0] == 200
+
+
+def test_a_request_is_queued_whole_or_not_at_all(start_api) -> None:
+    """The model server is unreachable, so nothing leaves the engine's queue (4 places): a
+    3-comment request behind a 2-comment one is refused 429 and leaves none of its comments queued
+    (scored for nobody, taking places); one with more comments than the queue holds is a 413."""
+    api = start_api(
+        ApiSettings(api_max_queued=4, api_request_deadline_s=5.0), client={"model_server": f"127.0.0.1:{free_port()}"},
+        wait_for_ready=False,
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(api.post_json, "/v1/score", {"comments": [{"text": "a"}, {"text": "b"}]})
+        wait_until(lambda: api.metric("esp_engine_queued") == 2, timeout_s=5, what="two comments queued")
+        status, headers, body = api.post_json("/v1/score", {"comments": [{"text": f"c{i}"} for i in range(3)]})
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        _error(body, 429, reason="queue_full")
+        assert api.metric("esp_engine_queued") == 2, "the refused request left comments queued"
+        status, _, body = api.post_json("/v1/score", {"comments": [{"text": f"d{i}"} for i in range(5)]})
+        assert status == 413 and "ESP_API_MAX_QUEUED" in _error(body, 413, reason="too_many_comments")["message"]
+        assert waiting.result()[0] == 503  # its deadline passed with the model server unreachable
+
+
 def test_concurrent_single_comment_requests_share_batches(start_api) -> None:
     api = start_api(fast_batching(max_batch_size=32, max_batch_latency_ms=50.0, batches_in_flight=1))
     texts = [t for _, t in jigsaw_comments(64)]
@@ -284,12 +378,14 @@ def test_keys_rate_limits_and_no_key_in_any_log(start_api, tmp_path: Path) -> No
     assert status == 429 and 1 <= int(headers["retry-after"]) <= 2
     assert "alice" in _error(body, 429, reason="rate_limited")["message"]
     assert api.post_json(f"/v1/score?key={bob}", {"text": "bob has his own bucket"})[0] == 200
+    # A parameter name spelled with percent escapes is still `key`: accepted, and masked in the log.
+    assert api.post_json(f"/v1/score?monkey=1&%6Bey={bob}", {"text": "an encoded name"})[0] == 200
     time.sleep(int(headers["retry-after"]))
     assert api.post_json(f"/v1/score?key={alice}", {"text": "refilled"})[0] == 200
     # The page and the probes need no key.
     assert api.request("GET", "/")[0] == 200 and api.request("GET", "/readyz")[0] == 200
     # A malformed request line carrying the key: uvicorn refuses it, and still nothing logs the key.
-    with __import__("socket").create_connection(("127.0.0.1", api.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", api.port), timeout=5) as sock:
         sock.sendall(f"POST /v1/score?key={alice} HTTP/1.1\r\nX-Goog-Api-Key: {bob}\r\nContent-Length: nope\r\n\r\n".encode())
         sock.recv(1000)
     api.stop()

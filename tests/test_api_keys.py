@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from api.keys import KeyStore, TokenBucket, hash_key, new_key, parse_keys
-from api.redact import MASK, RedactingFilter, printable_path, redact, redact_query
+from api.redact import MASK, RedactingFilter, printable_path, query_key, redact, redact_query
 from esp.errors import ConfigError
 
 EXAMPLES = int(os.environ.get("ESP_HYPOTHESIS_EXAMPLES", "200"))
@@ -152,6 +153,26 @@ def test_any_key_in_a_url_or_header_is_masked(key: str, other: str, method: str)
     ]
     for line in lines:
         assert key not in redact(line).replace(MASK, ""), line
+
+
+def _spelled(letters: str) -> st.SearchStrategy[str]:
+    """Every way a query can spell `letters` as a parameter name: any case, any letter percent-encoded."""
+    spellings = [st.sampled_from([c.lower(), c.upper(), f"%{ord(c):02x}", f"%{ord(c):02X}"]) for c in letters]
+    return st.tuples(*spellings).map("".join)
+
+
+url_safe_key = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=16, max_size=43)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(_spelled("key"), url_safe_key, st.sampled_from(["", "monkey=1&", "a=b&key=&"]))
+def test_a_key_the_api_accepts_is_masked_however_its_name_is_spelled(name: str, key: str, before: str) -> None:
+    query = f"{before}{name}={key}&x=1"
+    if unquote(name) == "key":  # the name every query parser reads as `key`
+        assert query_key(query) == key  # what the API accepts as the key ...
+    logged = [printable_path(b"/v1/score", query.encode()), redact(f"POST /v1/score?{query} 200"), redact_query(query)]
+    for line in logged:
+        assert key not in line, line  # ... and any spelling of `key` is masked, accepted or not
 
 
 def test_query_and_path_redaction() -> None:

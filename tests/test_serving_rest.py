@@ -5,6 +5,8 @@ Pub/Sub-sized messages."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -69,6 +71,42 @@ def test_errors_as_tf_serving_answers_them(rest_server: ModelServerProcess, path
 
 def test_paths_outside_the_api_are_not_found(rest_server: ModelServerProcess) -> None:
     assert _get(rest_server, "/healthz")[0] == 404
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no thread count for pid {pid}")
+
+
+def test_a_flood_of_idle_connections_holds_no_threads_and_probes_still_answer(rest_server: ModelServerProcess) -> None:
+    """Anything that reaches a probe port (a port scan, a scraper gone wrong, a hostile pod) may open
+    connections and send nothing. The endpoint (esp.http_endpoint, also the worker's health port)
+    gives them no thread each, keeps the probe answering while 600 are open (more than it keeps:
+    the longest-waiting are closed to make room), and closes any that stays silent."""
+    threads_before = _threads(rest_server.pid)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(600):
+            idle.append(socket.create_connection(("127.0.0.1", rest_server.rest_api_port), timeout=10))
+        started = time.monotonic()
+        assert _get(rest_server, "/v1/models/bert")[0] == 200
+        assert time.monotonic() - started < 2.0, "the probe waited behind idle connections"
+        grown = _threads(rest_server.pid) - threads_before
+        assert grown < 10, f"{grown} more threads in esp serve with {len(idle)} idle connections open"
+        # The newest idle connection was not closed for room: it is closed for saying nothing in 5 s.
+        started = time.monotonic()
+        assert idle[-1].recv(1000).startswith(b"HTTP/1.1 408 "), "an idle connection got no timeout answer"
+        assert time.monotonic() - started < 5.0 + 2.0
+    finally:
+        for sock in idle:
+            sock.close()
+    # A head that never ends is refused, not buffered.
+    with socket.create_connection(("127.0.0.1", rest_server.rest_api_port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models/bert HTTP/1.1\r\nX-Filler: " + b"a" * (64 * 1024))
+        assert sock.recv(1000).startswith(b"HTTP/1.1 431 ")
+    assert _get(rest_server, "/v1/models/bert")[0] == 200
 
 
 def test_model_metadata_as_tf_serving_answers_it(rest_server: ModelServerProcess) -> None:

@@ -67,14 +67,12 @@ def _kill_poller(server: ModelServer) -> None:
     server.manager.reconcile_all = broken  # type: ignore[method-assign]
 
 
-def _kill_rest(server: ModelServer) -> None:
-    rest = next(e for e in server._endpoints if e.name == "REST API")
-    rest._server.shutdown()  # its serve_forever returns: the thread ends
+def _kill_endpoint(name: str) -> Callable[[ModelServer], None]:
+    def kill(server: ModelServer) -> None:
+        endpoint = next(e for e in server._endpoints if e.name == name)
+        endpoint.stop()  # behind the server's back: its thread ends
 
-
-def _kill_metrics(server: ModelServer) -> None:
-    metrics = next(e for e in server._endpoints if e.name == "metrics")
-    metrics._server.shutdown()
+    return kill
 
 
 def _kill_grpc(server: ModelServer) -> None:
@@ -84,8 +82,8 @@ def _kill_grpc(server: ModelServer) -> None:
 
 KILLS: dict[str, Callable[[ModelServer], None]] = {
     "model poller": _kill_poller,
-    "REST endpoint": _kill_rest,
-    "metrics endpoint": _kill_metrics,
+    "REST endpoint": _kill_endpoint("REST API"),
+    "metrics endpoint": _kill_endpoint("metrics"),
     "gRPC server": _kill_grpc,
 }
 

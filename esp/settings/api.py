@@ -80,7 +80,8 @@ class ApiSettings:
     api_read_timeout_s: float = setting(
         10.0,
         env="ESP_API_READ_TIMEOUT_S",
-        help="Longest a client may take to send its request body, seconds; slower is answered 408.",
+        help="Longest a client may take to send its request headers, and then its body, seconds; slow headers "
+        "close the connection, a slow body is answered 408.",
     )
     api_access_log: bool = setting(
         True, env="ESP_API_ACCESS_LOG", help="Log one line per request (method, path with the key redacted, status, time)."
