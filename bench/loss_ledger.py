@@ -279,7 +279,8 @@ def prepare_models(config: Config, work: Path) -> tuple[Path, Path, Path, str]:
         desc = f"{config.model_dir} v{version.name}"
     good = aside / "good"
     shutil.copytree(base / "1", good)
-    bad = export_test_model(aside, 99, reject_marker="")  # the empty marker matches every text
+    # The empty marker is in every text; no warm-up, which it would reject too (the server would not load it).
+    bad = export_test_model(aside, 99, reject_marker="", warmup=False)
     return base, good, bad, desc
 
 

@@ -52,6 +52,9 @@ class ErrorType:
     # Scoring this comment alone raised something unexpected (not a rejection, not an outage),
     # while the canary passed.
     MODEL_ERROR = "model_error"
+    # The model server failed (INTERNAL or UNKNOWN: an op broke) on this comment, alone, while the
+    # canary passed: an input that trips a bug of the model or the server.
+    MODEL_SERVER_ERROR = "model_server_error"
     # Pub/Sub refused the score of this comment (INVALID_ARGUMENT), even in a request of its own.
     SCORE_PUBLISH_REFUSED = "score_publish_refused"
     # An unexpected error in ESP while handling this one message; the reason names it. The message

@@ -150,6 +150,10 @@ class ScoringEngine:
         self._state = threading.Lock()
         self._servable = threading.Event()  # set once the model first answered
         self._down_reason: str | None = None  # set while the model does not answer (after it first did)
+        # What esp.outages was last told (see _sync_outage): True while the engine holds the model outage open.
+        self._outage_reported = False
+        self._outage_syncing = threading.Lock()
+        self._outage_dirty = False
         self._not_ready_reason = "model not probed yet"
         self._last_activity = clock()
         self._next_probe = 0.0
@@ -179,16 +183,19 @@ class ScoringEngine:
     ) -> concurrent.futures.Future:
         """Queues a valid comment; the future's result is its Outcome. Raises QueueFull when the queue is full."""
         job = Job(comment, context, deadline, published_at, concurrent.futures.Future())
-        if self._stopping.is_set():
-            self._deliver([(job, Unavailable("shutting down"))])
-            return job.future
         with self._cond:
-            if self.max_queued is not None and len(self._batcher) >= self.max_queued:
-                raise QueueFull(f"{len(self._batcher)} comments already wait for the model")
-            self._batcher.add(job, self._clock())
-            if deadline is not None:
-                self._with_deadline += 1
-            self._cond.notify()
+            # Checked under the lock stop() drains under: a job is either queued before the drain
+            # (and answered by it) or sees the flag, never left in a queue nobody reads again.
+            stopping = self._stopping.is_set()
+            if not stopping:
+                if self.max_queued is not None and len(self._batcher) >= self.max_queued:
+                    raise QueueFull(f"{len(self._batcher)} comments already wait for the model")
+                self._batcher.add(job, self._clock())
+                if deadline is not None:
+                    self._with_deadline += 1
+                self._cond.notify()
+        if stopping:
+            self._deliver([(job, Unavailable("shutting down"))])
         return job.future
 
     def submit_all(
@@ -258,8 +265,8 @@ class ScoringEngine:
     def stop(self, grace_s: float) -> None:
         """Stops taking batches; in-flight ones get `grace_s` to finish, then answer Unavailable."""
         deadline = self._clock() + grace_s
-        self._stopping.set()
         with self._cond:
+            self._stopping.set()
             self._cond.notify_all()
         if self._dispatcher is not None:
             self._dispatcher.join()
@@ -290,7 +297,7 @@ class ScoringEngine:
             first = not self._servable.is_set()
             self._servable.set()
         if was_down:
-            self.outages.end(causes.MODEL)
+            self._sync_outage()
         elif first:
             log.info("model answers; scoring")
 
@@ -299,12 +306,36 @@ class ScoringEngine:
             if not self._servable.is_set():
                 self._not_ready_reason = reason
                 return
-            was_down = self._down_reason is not None
             self._down_reason = reason
-        if was_down:
-            self.outages.update(causes.MODEL, reason)
-        else:
-            self.outages.begin(causes.MODEL, reason)
+        self._sync_outage()
+
+    def _sync_outage(self) -> None:
+        """Brings esp.outages in line with `_down_reason`, whichever thread changed it last.
+
+        Batches in flight fail and succeed concurrently: had each told esp.outages its own edge, a
+        success overtaking a failure (between the failure's state change and its `begin`) would end
+        nothing and then leave an outage open that no one ends: the worker paused forever while the
+        model answers. Here one thread at a time reports the *current* state; a thread that finds
+        another reporting leaves it a note, and the reporter reads the state again before it stops.
+        """
+        self._outage_dirty = True
+        while self._outage_dirty:
+            if not self._outage_syncing.acquire(blocking=False):
+                return  # the thread reporting sees the note after it lets go, and reports again
+            try:
+                self._outage_dirty = False
+                with self._state:
+                    down = self._down_reason
+                if down is not None and not self._outage_reported:
+                    self.outages.begin(causes.MODEL, down)
+                    self._outage_reported = True
+                elif down is not None:
+                    self.outages.update(causes.MODEL, down)
+                elif self._outage_reported:
+                    self.outages.end(causes.MODEL)
+                    self._outage_reported = False
+            finally:
+                self._outage_syncing.release()
 
     def _probe_now(self) -> None:
         """Asks the model whether it serves (the host's probe, else the canary)."""
@@ -339,7 +370,7 @@ class ScoringEngine:
                     continue
                 if not self._servable.is_set() or self.is_down():
                     # Batches in flight retry by themselves; new ones wait for a probe to pass.
-                    self._stopping.wait(min(0.05, max(0.0, self._next_probe - now)))
+                    self._wait_out_outage(now)
                     continue
                 if not self._slots.acquire(timeout=0.1):
                     continue
@@ -351,6 +382,19 @@ class ScoringEngine:
         except BaseException as exc:  # a bug in ESP: say so loudly rather than stop silently
             self._fail(f"dispatcher thread died: {type(exc).__name__}: {exc}")
             raise
+
+    def _wait_out_outage(self, now: float) -> None:
+        """Sleeps while the model is down: until a batch in flight finishes (its retry may have
+        closed the outage), a probe is due, a sweep of deadlines is due, or stop() is called."""
+        with self._cond:
+            if self._stopping.is_set():
+                return
+            # With a batch in flight no probe runs (its retries are the probe): wake when it ends.
+            wait = 0.5 if self._in_flight else min(0.5, max(0.0, self._next_probe - now))
+            if self._with_deadline:
+                wait = min(wait, max(0.0, self._next_sweep - now), _EXPIRY_SWEEP_S)
+            if wait > 0:
+                self._cond.wait(wait)
 
     def _needs_probe(self, now: float) -> bool:
         with self._cond:

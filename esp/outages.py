@@ -6,10 +6,18 @@ several threads may be in the same outage at once (every batch in flight meets a
 so each cause is counted. While any cause is open, `paused()` is true: the worker stops pulling
 (messages not yet pulled spend no delivery attempt) and /readyz says why. Edges are logged once
 and counted in metrics, so an on-call engineer sees when, why and for how long.
+
+Edges are reported (logged, `on_change`, `on_resolved`) in the order they happened, one at a time:
+each is queued under the lock that changed the state, and whichever thread finds no report running
+delivers the queue. So a thread descheduled after opening an outage cannot report "open" after
+another thread reported it closed (the worker's `esp_paused` gauge would say 1 on a healthy
+worker), and no caller waits on another's callback. A report may reach the callbacks a moment
+after `begin`/`end` returned, from another thread.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -38,6 +46,9 @@ class Outages:
         self._clock = clock
         self._cond = threading.Condition()
         self._open: dict[str, list] = {}  # cause -> [count, reason, since]
+        # Edges not yet reported, in order: (cause, reason) for an opening, (cause, seconds) for an end.
+        self._edges: collections.deque[tuple[bool, str, str | float]] = collections.deque()
+        self._reporting = threading.Lock()  # held by the one thread delivering edges
 
     def begin(self, cause: str, reason: str) -> None:
         with self._cond:
@@ -47,9 +58,8 @@ class Outages:
                 entry[1] = reason
                 return
             self._open[cause] = [1, reason, self._clock()]
-        log.warning("%s unavailable, pausing: %s", cause, reason)
-        if self._on_change is not None:
-            self._on_change(cause, True)
+            self._edges.append((True, cause, reason))
+        self._report()
 
     def update(self, cause: str, reason: str) -> None:
         """A newer reason for an outage this caller is already in."""
@@ -66,13 +76,37 @@ class Outages:
             if entry[0] > 0:
                 return
             del self._open[cause]
-            lasted = self._clock() - entry[2]
+            self._edges.append((False, cause, self._clock() - entry[2]))
             self._cond.notify_all()
-        log.warning("%s answers again after %.1fs; resuming", cause, lasted)
+        self._report()
+
+    def _report(self) -> None:
+        """Delivers queued edges in order, unless another thread is delivering (it will deliver ours)."""
+        while True:
+            if not self._reporting.acquire(blocking=False):
+                return  # the holder checks the queue again after releasing: our edge is not stranded
+            try:
+                while True:
+                    with self._cond:
+                        if not self._edges:
+                            break
+                        opened, cause, detail = self._edges.popleft()
+                    self._deliver(opened, cause, detail)
+            finally:
+                self._reporting.release()
+            with self._cond:
+                if not self._edges:
+                    return
+
+    def _deliver(self, opened: bool, cause: str, detail: str | float) -> None:
+        if opened:
+            log.warning("%s unavailable, pausing: %s", cause, detail)
+        else:
+            log.warning("%s answers again after %.1fs; resuming", cause, detail)
         if self._on_change is not None:
-            self._on_change(cause, False)
-        if self._on_resolved is not None:
-            self._on_resolved(cause, lasted)
+            self._on_change(cause, opened)
+        if not opened and self._on_resolved is not None:
+            self._on_resolved(cause, float(detail))
 
     def paused(self) -> bool:
         with self._cond:

@@ -12,7 +12,9 @@ Two functions, by how much a caller trusts its input:
   by a canary of known-good texts. If the canary fails too, the model is at fault: ModelFault,
   which callers treat like an outage, never as the comments' fault. If it passes, the suspects are
   re-scored in halves until each failing comment is alone (at most 2n-1 calls for n suspects), and
-  only those that fail alone are Rejected, with the reason. Their neighbours are scored.
+  only those that fail alone are Rejected, with the reason. Their neighbours are scored. The canary
+  that blames a comment is asked after that comment failed alone, never answered from a pass
+  remembered from before: a model that broke a moment ago must not be blamed on a comment.
 Model outputs are checked either way: a probability that is NaN, infinite or outside [0, 1], or a
 row or label missing, never becomes a score.
 """
@@ -47,6 +49,12 @@ class ModelNotFound(ScoringError):
 
 class ModelRejected(ScoringError):
     """The model refused this input (INVALID_ARGUMENT): a fault of the batch's contents."""
+
+
+class ModelServerError(ScoringError):
+    """The model server failed on this request (INTERNAL or UNKNOWN): TF Serving answers so when an
+    op breaks on one input, and also when it is broken for every input. Ambiguous, so never an
+    outage by itself: the canary decides whether the model or the batch is at fault."""
 
 
 class ModelContractError(ScoringError):
@@ -195,11 +203,17 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (ModelUnavailable, ModelNotFound)
 
 
 class Canary:
-    """Asks the model to score known-good texts; a pass is remembered for `pass_ttl_s`.
+    """Asks the model to score known-good texts: is the model at fault, or the input?
 
-    Remembering a pass bounds what a burst of poison costs (one canary call per `pass_ttl_s`, not
-    one per batch) without hiding a model that breaks: any fresh failure re-checks at once.
-    Thread-safe; outages raised by the scorer propagate.
+    Two questions, by what the answer is used for:
+    - `failure()`: a hint, answered from a pass remembered for `pass_ttl_s`. score_isolating asks it
+      before bisecting, so a batch that meets a model broken for everything is not bisected.
+    - `failure(after=t)`: a verdict from a call that began at or after `t` (the moment a comment
+      failed alone), the only kind that may blame a comment. A pass from before `t` proves nothing
+      about a model that broke since. `fresh=True` is `after=now`.
+    Calls are made one at a time, and a caller that waited for another's call takes its verdict
+    when that call began after its own `t`: concurrent batches of poison share one call.
+    Thread-safe; outages raised by the scorer propagate (and are not remembered).
     """
 
     def __init__(
@@ -213,25 +227,35 @@ class Canary:
         self.scorer = scorer
         self.texts = list(texts)
         self.pass_ttl_s = pass_ttl_s
-        self._clock = clock
+        self.clock = clock
         self._passed_at = -math.inf
+        self._verdict_started = -math.inf  # when the last call that answered began
+        self._verdict: str | None = None  # ... and what it said
         self._lock = threading.Lock()
+        self._one_call = threading.Lock()
         self.checks = 0
         self.failures = 0
 
-    def failure(self, *, fresh: bool = False) -> str | None:
-        """None when the model scores the canary correctly, else what went wrong."""
-        with self._lock:
-            if not fresh and self._clock() - self._passed_at < self.pass_ttl_s:
-                return None
-            self.checks += 1
-        problem = self._ask()
-        with self._lock:
-            if problem is None:
-                self._passed_at = self._clock()
-            else:
-                self._passed_at = -math.inf
-                self.failures += 1
+    def failure(self, *, after: float | None = None, fresh: bool = False) -> str | None:
+        """None when the model scores the canary correctly, else what went wrong (see the class)."""
+        if fresh:
+            after = self.clock()
+        with self._one_call:
+            with self._lock:
+                if after is None and self.clock() - self._passed_at < self.pass_ttl_s:
+                    return None
+                if after is not None and self._verdict_started >= after:
+                    return self._verdict
+                self.checks += 1
+            started = self.clock()
+            problem = self._ask()
+            with self._lock:
+                self._verdict_started, self._verdict = started, problem
+                if problem is None:
+                    self._passed_at = self.clock()
+                else:
+                    self._passed_at = -math.inf
+                    self.failures += 1
         return problem
 
     def _ask(self) -> str | None:
@@ -250,6 +274,8 @@ class Canary:
 def _failure_type(exc: Exception) -> str:
     if isinstance(exc, ModelRejected):
         return ErrorType.MODEL_REJECTED
+    if isinstance(exc, ModelServerError):
+        return ErrorType.MODEL_SERVER_ERROR
     if isinstance(exc, ModelContractError):
         return ErrorType.MODEL_OUTPUT_INVALID
     return ErrorType.MODEL_ERROR
@@ -280,8 +306,11 @@ def score_isolating(
         except OUTAGE_ERRORS:
             raise
         except Exception as exc:  # ambiguous: the input's fault or the model's; the canary decides
+            failed_at[0] = canary.clock()
             return (_failure_type(exc), f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScoringError) else str(exc)), []
         whole, rows = output_problems(output, len(idx))
+        if whole or rows:
+            failed_at[0] = canary.clock()
         if whole:
             return (ErrorType.MODEL_OUTPUT_INVALID, whole), []
         for j, i in enumerate(idx):
@@ -292,6 +321,7 @@ def score_isolating(
         return None, failed
 
     row_reasons: dict[int, str] = {}
+    failed_at = [-math.inf]  # when the latest attempt failed, on the canary's clock
     if n == 0:
         return []
     whole, failed = attempt(list(range(n)))
@@ -299,7 +329,7 @@ def score_isolating(
         return outcomes  # type: ignore[return-value]  # every slot is Scored
     suspects = list(range(n)) if whole else failed
     first_failure = whole[1] if whole else row_reasons[failed[0]]
-    canary_failure = canary.failure()
+    canary_failure = canary.failure()  # the hint: a model broken for everything is not bisected
     if canary_failure is not None:
         raise ModelFault(f"{first_failure}; the known-good canary failed too: {canary_failure}")
 
@@ -327,9 +357,10 @@ def score_isolating(
 
     isolate(suspects)
     rejected = sum(isinstance(o, Rejected) for o in outcomes)
-    if rejected >= 2 and rejected * 2 > n:
-        # Most of the batch failed even alone: make sure the model did not break half-way through.
-        canary_failure = canary.failure(fresh=True)
+    if rejected:
+        # The verdict: a canary asked after the last comment failed alone. The hint above may be a
+        # pass from before the model broke, and would blame the comments for the model's fault.
+        canary_failure = canary.failure(after=failed_at[0])
         if canary_failure is not None:
             raise ModelFault(f"{rejected} of {n} comments failed alone; the known-good canary now fails too: {canary_failure}")
     log.debug("isolated %d of %d comments the model could not score alone", rejected, n)

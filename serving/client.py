@@ -14,6 +14,8 @@ Behaviour, all configurable through `esp.settings.ModelClientSettings`:
   full jitter, inside an overall budget; after it, ModelUnavailable;
 - NOT_FOUND -> ModelNotFound, INVALID_ARGUMENT -> ModelRejected (except the two INVALID_ARGUMENTs
   TF Serving uses for a bad version label or signature name, which are configuration, not input);
+  INTERNAL, UNKNOWN -> ModelServerError (an op that broke: on one input, or on every input; the
+  caller's canary decides which); anything else after the retries -> ModelUnavailable;
 - labels come from GetModelMetadata's signature_def, cached per model version, never hard-coded.
 """
 
@@ -32,7 +34,15 @@ import grpc
 
 from esp.contracts import labels_from_outputs
 from esp.errors import ConfigError
-from esp.scoring import ModelContractError, ModelNotFound, ModelOutput, ModelRejected, ModelUnavailable, ScoringError
+from esp.scoring import (
+    ModelContractError,
+    ModelNotFound,
+    ModelOutput,
+    ModelRejected,
+    ModelServerError,
+    ModelUnavailable,
+    ScoringError,
+)
 from serving import esp_tfs_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,10 @@ HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
+
+# TF Serving answers these when an op fails while running the model: one input may trip it (a query
+# of death) as well as a broken version. Never an outage by themselves (ModelServerError).
+AMBIGUOUS_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 # TF Serving answers INVALID_ARGUMENT for these, but they are a misconfigured client or server,
 # not a bad comment: treating them as ModelRejected would dead-letter every message.
@@ -351,7 +365,9 @@ class TFServingScorer:
             if any(marker in details for marker in _CONFIG_ERROR_MARKERS):
                 return ModelNotFound(message)
             return ModelRejected(message)
-        # UNIMPLEMENTED, UNAUTHENTICATED, INTERNAL...: the server or its configuration, not the input.
+        if code in AMBIGUOUS_CODES:
+            return ModelServerError(message)
+        # UNIMPLEMENTED, UNAUTHENTICATED, PERMISSION_DENIED...: the server or its configuration, not the input.
         return ModelUnavailable(message)
 
     # -- metadata ---------------------------------------------------------------------------

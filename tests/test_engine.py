@@ -19,8 +19,9 @@ import pytest
 from esp import outages as causes
 from esp.contracts import Comment, ErrorType
 from esp.engine import QueueFull, Rejected, Scored, ScoringEngine, Unavailable
+from esp.localstack import wait_until
 from esp.outages import Outages
-from esp.scoring import CANARY_TEXTS, Canary, ModelFault, ModelOutput, score_isolating
+from esp.scoring import CANARY_TEXTS, Canary, ModelFault, ModelOutput, ModelUnavailable, score_isolating
 from esp.settings import BatchingSettings
 from tests.fixtures.worker import BadOutputs, Broken, Crashing, Outage, Rejecting, Slow, SumScorer, sum_probability
 
@@ -145,6 +146,16 @@ def test_when_most_comments_fail_alone_the_canary_is_asked_again() -> None:
     scorer = BreaksMidway()
     with pytest.raises(ModelFault, match="failed alone"):
         score_isolating(scorer, comments(4, marker="<<NAN>>"), canary=Canary(scorer))
+
+
+def test_a_model_that_breaks_after_a_canary_pass_is_not_blamed_on_a_lone_comment() -> None:
+    scorer = BadOutputs(SumScorer())
+    canary = Canary(scorer, pass_ttl_s=60.0)
+    (poison,) = score_isolating(scorer, [Comment("p", "<<NAN>> poison")], canary=canary)
+    assert isinstance(poison, Rejected), "a real poison comment, while the canary passes (and the pass is remembered)"
+    scorer.everything.set()  # a bad version rolls out, well within the remembered pass
+    with pytest.raises(ModelFault, match="canary now fails too"):
+        score_isolating(scorer, [Comment("g", "thanks for fixing the citation")], canary=canary)
 
 
 def test_canary_texts_are_the_exports_warmup_texts() -> None:
@@ -296,6 +307,140 @@ def test_an_idle_engine_probes_and_reports_the_model_gone(engines: list[ScoringE
     while engine.not_ready() is not None:
         assert time.monotonic() < deadline + 5
         time.sleep(0.01)
+
+
+class _DispatcherClock:
+    """time.monotonic, counting the calls the engine's dispatcher thread makes: one per turn of its loop."""
+
+    def __init__(self) -> None:
+        self.dispatcher_calls = 0
+
+    def __call__(self) -> float:
+        if threading.current_thread().name == "esp-dispatch":
+            self.dispatcher_calls += 1
+        return time.monotonic()
+
+
+def test_the_dispatcher_sleeps_while_a_batch_waits_out_an_outage(engines: list[ScoringEngine]) -> None:
+    scorer = Outage(SumScorer())
+    clock = _DispatcherClock()
+    engine = start(engines, scorer, probe=scorer.probe, clock=clock,
+                   settings=BatchingSettings(retry_initial_backoff_s=0.2, retry_max_backoff_s=0.4))
+    scorer.down.set()
+    future = engine.submit(Comment("a", "hello"))
+    wait_until(engine.is_down, timeout_s=5, what="the outage")
+    turns = clock.dispatcher_calls
+
+    def retries() -> float:
+        return engine.registry.get_sample_value("esp_batch_retries_total") or 0
+
+    first = retries()
+    wait_until(lambda: retries() >= first + 3, timeout_s=10, what="three retries of the batch (about a second)")
+    turns = clock.dispatcher_calls - turns
+    scorer.down.clear()
+    assert isinstance(future.result(timeout=10), Scored)
+    assert turns < 50, f"the dispatcher turned {turns} times while one batch waited out three retries"
+
+
+class _SlowToSeeStop(threading.Event):
+    """The engine's stop flag, as read by a submitting thread that is descheduled right after reading
+    it: it waits for stop() to finish (at most a second) before going on with what it read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_returned = threading.Event()
+
+    def is_set(self) -> bool:
+        value = super().is_set()
+        if threading.current_thread().name == "submitter":
+            self.stop_returned.wait(1.0)
+        return value
+
+
+def test_a_comment_submitted_while_stop_runs_gets_an_outcome() -> None:
+    engine = ScoringEngine(SumScorer(), settings=BatchingSettings(max_batch_size=8, max_batch_latency_ms=10_000))
+    flag = engine._stopping = _SlowToSeeStop()
+    engine.start()
+    assert engine.servable.wait(5), engine.not_ready()
+    submitted: list[concurrent.futures.Future] = []
+    submitter = threading.Thread(target=lambda: submitted.append(engine.submit(Comment("a", "b"))), name="submitter")
+    submitter.start()
+    try:
+        engine.stop(grace_s=0.1)
+    finally:
+        flag.stop_returned.set()
+        submitter.join(10)
+    assert submitted, "submit neither raised nor returned"
+    assert isinstance(submitted[0].result(timeout=5), Unavailable), "a comment submitted while stop() ran never got an outcome"
+
+
+class _OpensLate(Outages):
+    """Outages whose `begin` is reached late: the thread that found the model down is descheduled
+    between the engine's state change and its report to esp.outages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = threading.Event()
+        self.go = threading.Event()
+
+    def begin(self, cause: str, reason: str) -> None:
+        self.opening.set()
+        self.go.wait(10)
+        super().begin(cause, reason)
+
+
+def test_an_answer_overtaking_a_failure_never_leaves_the_outage_open(engines: list[ScoringEngine]) -> None:
+    outages = _OpensLate()
+
+    class FailsAOnce(SumScorer):
+        """Batches A and B at the model server together: A meets an outage; B answers while A's is being opened."""
+
+        failed = False
+        b_in_flight = threading.Event()
+
+        def predict(self, texts):  # type: ignore[no-untyped-def]
+            if "A" in texts and not self.failed:
+                self.failed = True
+                assert self.b_in_flight.wait(10)
+                raise ModelUnavailable("model server restarting (UNAVAILABLE)")
+            if "B" in texts:
+                self.b_in_flight.set()
+                assert outages.opening.wait(10)
+            return super().predict(texts)
+
+    engine = start(engines, FailsAOnce(), outages=outages,
+                   settings=BatchingSettings(max_batch_size=1, max_batch_latency_ms=0, batches_in_flight=2,
+                                             retry_initial_backoff_s=0.05, retry_max_backoff_s=0.2))
+    try:
+        fa, fb = engine.submit(Comment("a", "A")), engine.submit(Comment("b", "B"))
+        assert isinstance(fb.result(timeout=5), Scored), "an answer never waits on another thread's outage report"
+    finally:
+        outages.go.set()
+    assert isinstance(fa.result(timeout=10), Scored)
+    wait_until(lambda: not outages.paused(), timeout_s=5, what=f"the outage to close: {outages.describe()}")
+    assert not engine.is_down() and engine.not_ready() is None
+
+
+def test_outage_edges_reach_the_callbacks_in_the_order_they_happened() -> None:
+    reported: list[bool] = []
+    closed = threading.Event()
+
+    def on_change(cause: str, is_open: bool) -> None:
+        if is_open:
+            closed.wait(1.0)  # the opening thread is descheduled between its state change and its report
+        reported.append(is_open)
+        if not is_open:
+            closed.set()
+
+    outages = Outages(on_change=on_change)
+    opener = threading.Thread(target=outages.begin, args=(causes.MODEL, "UNAVAILABLE"))
+    opener.start()
+    wait_until(lambda: outages.is_open(causes.MODEL), timeout_s=5, what="the outage to open")
+    outages.end(causes.MODEL)
+    opener.join(10)
+    wait_until(lambda: len(reported) == 2, timeout_s=5, what="both edges reported")
+    assert reported == [True, False], "the last edge reported must be the last that happened (esp_paused follows it)"
+    assert not outages.paused()
 
 
 def test_model_output_check_covers_rows_labels_and_thresholds() -> None:

@@ -10,15 +10,37 @@ run behind docs/reliability.md is the same script with a longer --duration-s.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from esp.scoring import CANARY_TEXTS, ModelRejected
+from serving.client import TFServingScorer
+from tests.fixtures.model_server import model_client_settings
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_version_that_rejects_everything_loads_and_rejects_everything(tmp_path: Path, start_model_server) -> None:  # type: ignore[no-untyped-def]
+    # The ledger counts this fault as injected: it must be one. Its first bad version rejected
+    # nothing (an empty marker was read as "no marker"), so no worker ever met it.
+    from bench.loss_ledger import Config, prepare_models
+
+    config = Config(duration_s=60, rate_per_s=40, poison_every=50, gap_s=1.5, hold_scale=0.4, settle_timeout_s=90,
+                    model_dir=None, log_dir=tmp_path / "logs")
+    _, _, bad, _ = prepare_models(config, tmp_path / "work")
+    served = tmp_path / "served" / "bert"
+    shutil.copytree(bad, served / "1")
+    server = start_model_server(served)  # it loads: a version whose warm-up fails would never be served
+    with TFServingScorer.from_settings(model_client_settings(server)) as scorer:
+        for texts in (["an ordinary comment"], list(CANARY_TEXTS)):
+            with pytest.raises(ModelRejected):
+                scorer.predict(texts)
 
 
 def test_nothing_is_lost_under_faults(tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import textwrap
 
+import grpc
 import pytest
 
-from esp.scoring import ModelNotFound, ModelRejected, score_batch
+from esp.scoring import ModelNotFound, ModelRejected, ModelServerError, score_batch
 from esp.contracts import Comment
-from serving.client import TFServingScorer
+from esp.fault_proxy import FaultProxy, Rule
+from serving.client import PREDICT_METHOD, TFServingScorer
 from serving.saved_model import SavedModelScorer
 from tests.fixtures.model_server import model_client_settings
 from tests.fixtures.models import MAX_SEQ_LENGTH, TEST_LABELS, TEST_THRESHOLDS
@@ -145,6 +147,21 @@ def test_rejected_input_is_model_rejected(tmp_path, start_model_server):
         with pytest.raises(ModelRejected, match="POISON"):
             scorer.predict(["fine", "this is POISON"])
         assert len(scorer.predict(["fine", "also fine"]).probabilities) == 2
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
+def test_a_server_failing_on_an_input_is_ambiguous_not_an_outage(model_server, code):
+    # TF Serving answers INTERNAL/UNKNOWN when an op breaks on one input (or on every input): the
+    # canary must decide, so it is never ModelUnavailable (which pauses and retries forever).
+    proxy = FaultProxy(model_server.target).start()
+    try:
+        proxy.add(Rule(PREDICT_METHOD, code, "injected: op failed on this input", matches=lambda request: b"<<op-fails>>" in request))
+        with TFServingScorer.from_settings(model_client_settings(model_server, model_server=proxy.host)) as scorer:
+            with pytest.raises(ModelServerError, match=code.name):
+                scorer.predict(["fine", "this one <<op-fails>>"])
+            assert len(scorer.predict(["fine", "also fine"]).probabilities) == 2
+    finally:
+        proxy.stop()
 
 
 def test_importing_the_client_does_not_load_tensorflow():

@@ -20,6 +20,9 @@ import pytest
 from esp.contracts import DeadLetter, ErrorType, Stage
 from esp.fault_proxy import MODIFY_ACK_DEADLINE, PUBLISH, FaultProxy, Rule, publish_containing, publish_to
 from esp.localstack import PubSubEmulator, wait_until
+from serving.client import PREDICT_METHOD, TFServingScorer
+from serving.local import ModelServerProcess
+from tests.fixtures.model_server import model_client_settings
 from tests.fixtures.worker import BadOutputs, Broken, Crashing, Stream, SumScorer, fast_worker_settings
 from worker.service import Worker
 
@@ -107,6 +110,33 @@ def test_comments_the_model_cannot_score_alone_are_isolated_then_dead_lettered_o
     assert all(letter.stage == Stage.SCORE and letter.delivery_attempt == 5 for letter in by_id.values())
     scored = [json.loads(r.message.data) for r in stream.scores]
     assert all(v == v and 0 <= v <= 1 for rec in scored for v in rec["scores"].values()), "no NaN is ever published"
+
+
+def test_a_comment_the_model_server_fails_on_is_dead_lettered_and_pauses_nothing(
+    stream: Stream, start: Callable[..., Worker], model_server: ModelServerProcess
+) -> None:
+    # TF Serving answers INTERNAL when one input trips a failing op (a query of death). Here the real
+    # `esp serve` sits behind esp.fault_proxy, which fails Predict with INTERNAL on the marker only:
+    # the server answers everything else, the canary included. It once looked like an outage: the
+    # worker paused and retried that batch forever, and no neighbour was ever scored.
+    proxy = FaultProxy(model_server.target).start()
+    proxy.add(Rule(PREDICT_METHOD, grpc.StatusCode.INTERNAL, "injected: op failed", matches=lambda r: b"<<op-fails>>" in r))
+    scorer = TFServingScorer.from_settings(model_client_settings(model_server, model_server=proxy.host))
+    try:
+        worker = start(scorer)
+        good = [(f"g-{i}", f"good comment {i}") for i in range(20)]
+        stream.publish_comments(good[:10] + [("qod", "this one <<op-fails>>")] + good[10:])
+        stream.collect(scores=20, dead_letters=1, timeout_s=60)
+        (letter,) = letters(stream)
+        assert json.loads(letter.data)["id"] == "qod"
+        assert letter.stage == Stage.SCORE and letter.error_type == ErrorType.MODEL_SERVER_ERROR
+        assert "INTERNAL" in letter.reason and letter.delivery_attempt == 5
+        assert sample(worker, "esp_batch_retries_total") == 0, "never taken for a model outage"
+        assert sample(worker, "esp_model_faults_total") == 0
+        drained(worker)
+    finally:
+        proxy.stop()
+        scorer.close()
 
 
 def test_a_model_that_rejects_everything_pauses_the_worker_instead_of_dead_lettering_the_stream(

@@ -27,6 +27,18 @@ def test_room_is_bounded_by_messages_and_bytes() -> None:
     assert led.bytes == 10 and led.count == 1
 
 
+def test_a_pull_asks_for_no_more_than_fit_in_the_bytes_left_at_the_mean_size() -> None:
+    mib = 1024 * 1024
+    led = ledger(max_messages=1000, max_bytes=8 * mib)
+    assert led.room() == 1000, "nothing seen yet: only the message bound applies"
+    led.hold_many([("a", 4 * mib)], now=0.0, lease_s=10)
+    assert led.room() == 1, "4 MiB left at 4 MiB a message"
+    assert led.settle("a")
+    assert led.room() == 2
+    led.hold_many([(f"s{i}", 1000) for i in range(10)], now=0.0, lease_s=10)
+    assert 2 < led.room() <= 990, "small messages since: the mean comes down, pulls grow again"
+
+
 def test_a_message_is_settled_exactly_once() -> None:
     led = ledger()
     led.hold("a", 1, now=0.0, lease_s=10)

@@ -218,6 +218,31 @@ def test_outstanding_messages_and_bytes_stay_bounded(stream: Stream, start: Call
     assert peak["count"] >= 20, "it did pull in batches"
 
 
+def test_attributes_count_against_the_bytes_bound(stream: Stream, start: Callable[..., Worker]) -> None:
+    # Pub/Sub allows 100 attributes of 1 KB: ~100 KB of message around a 30-byte body. Counting
+    # only bodies, a worker bounded to 1 MiB once held all 100 of these (~10 MB).
+    worker = start(Slow(SumScorer(), delay_s=0.5), max_outstanding_bytes=1024 * 1024, max_outstanding_messages=200, pull_max_messages=5)
+    attributes = {f"a{i:02d}": "v" * 1000 for i in range(100)}
+    per_message = 100 * (3 + 1000)
+    peak = {"count": 0, "bytes": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.002):
+            peak["count"] = max(peak["count"], worker._ledger.count)
+            peak["bytes"] = max(peak["bytes"], worker._ledger.bytes)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stream.publish([json.dumps({"id": f"c{i}", "text": "hello"}).encode() for i in range(100)], **attributes)
+    stream.collect(scores=100, timeout_s=90)
+    done.set()
+    watcher.join()
+    assert peak["bytes"] >= per_message, f"the ledger counted at most {peak['bytes']} bytes for messages of ~{per_message}"
+    # The documented bound: max_outstanding_bytes plus one pull (5 messages here).
+    assert peak["count"] * per_message <= 1024 * 1024 + 5 * per_message, f"{peak['count']} messages of ~100 KB held at once"
+
+
 def test_stop_drains_and_a_second_worker_finishes_the_rest(stream: Stream, start: Callable[..., Worker]) -> None:
     first = start(Slow(SumScorer(), delay_s=0.2), max_batch_size=10, shutdown_grace_s=3.0)
     stream.publish_comments([(f"d-{i}", f"drain me {i}") for i in range(300)])

@@ -4,7 +4,13 @@ Pulling in batches ourselves (unary Pull, 10x the streaming-pull callback's rate
 means the worker owns two things the streaming client would have done: extending each message's
 ack deadline before it runs out, so slow scoring or an outage does not cause redeliveries
 (python-pubsub issue 593), and bounding what is held, in messages and bytes, so memory stays flat
-whatever the backlog (google-cloud-python issues 4792/7677). A message leaves the ledger exactly
+whatever the backlog (google-cloud-python issues 4792/7677). A message counts its whole size
+(`PubsubMessage.ByteSize()`: body, attribute keys and values, ordering key), since a producer can
+put ~100 KB of attributes next to a 30-byte body. The bound is checked before each Pull, and a Pull
+asks for no more messages than fit in the room left at the mean size seen so far; so held bytes
+stay under max_bytes plus one Pull's response: with even sizes about one message more, and at
+worst, when a Pull meets messages much larger than the mean, max_messages-per-pull of them (Pub/Sub
+documents no cap on a Pull response's size). A message leaves the ledger exactly
 once, when it is acked or nacked; a second settle is refused, so a late publish confirmation can
 never ack a message shutdown already nacked. Time is passed in; thread-safe.
 """
@@ -12,6 +18,7 @@ never ack a message shutdown already nacked. Time is passed in; thread-safe.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 
@@ -44,6 +51,7 @@ class Ledger:
         self.max_lease_duration_s = max_lease_duration_s
         self._held: dict[str, _Lease] = {}
         self._bytes = 0
+        self._mean_size = 0.0  # of the messages held so far, weighted to recent pulls; 0 before any
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
 
@@ -58,14 +66,18 @@ class Ledger:
         return self._bytes
 
     def room(self) -> int:
-        """How many messages may be pulled now: 0 once either bound is reached."""
+        """How many messages may be pulled now: 0 once either bound is reached, and no more than fit
+        in the bytes left at the mean message size seen so far (at least one)."""
         with self._lock:
             return self._room_locked()
 
     def _room_locked(self) -> int:
         if self._bytes >= self.max_bytes:
             return 0
-        return max(0, self.max_messages - len(self._held))
+        room = max(0, self.max_messages - len(self._held))
+        if self._mean_size > 0:
+            room = min(room, max(1, math.ceil((self.max_bytes - self._bytes) / self._mean_size)))
+        return room
 
     def wait_for_room(self, timeout_s: float) -> int:
         """Blocks until there is room (or the timeout); returns the room."""
@@ -87,6 +99,9 @@ class Ledger:
                 if ack_id not in self._held:
                     self._held[ack_id] = _Lease(size_bytes, now, now + lease_s, lease_s)
                     self._bytes += size_bytes
+            if messages:
+                pulled = sum(size for _, size in messages) / len(messages)
+                self._mean_size = pulled if self._mean_size == 0 else (self._mean_size + pulled) / 2
 
     def settle(self, ack_id: str) -> bool:
         """Removes a message that is being acked or nacked; False when it was not held (any more)."""

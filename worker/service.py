@@ -419,7 +419,8 @@ class Worker:
             # Shutdown began while this pull was on the wire: hand these back at once.
             self._send_settle([rm.ack_id for rm in received], 0)
             return
-        self._ledger.hold_many([(rm.ack_id, len(rm.message.data)) for rm in received], self._clock(), self.ack_deadline_s)
+        # The whole message counts (attributes and ordering key too), not just its body.
+        self._ledger.hold_many([(rm.ack_id, rm.message.ByteSize()) for rm in received], self._clock(), self.ack_deadline_s)
         self.metrics.pulled.inc(len(received))
         self._update_held_gauges()
         max_body = self.comments.max_body_bytes

@@ -33,8 +33,9 @@ class WorkerSettings:
     max_outstanding_bytes: int = setting(
         32 * 1024 * 1024,
         env="ESP_MAX_OUTSTANDING_BYTES",
-        help="Most comment body bytes held at once; the worker stops pulling at this bound "
-        "(one pull can overshoot it by at most --pull-max-messages bodies).",
+        help="Most message bytes (body, attributes and ordering key) held at once; the worker stops pulling at this bound "
+        "and sizes each pull to the room left at the mean message size seen, so it overshoots by about one message "
+        "(at most one pull's messages, when they are larger than the mean).",
     )
     pull_max_messages: int = setting(
         500, env="ESP_PULL_MAX_MESSAGES", help="Most messages asked for in one unary Pull."
