@@ -182,43 +182,33 @@ class ScoringEngine:
         published_at: dt.datetime | None = None,
     ) -> concurrent.futures.Future:
         """Queues a valid comment; the future's result is its Outcome. Raises QueueFull when the queue is full."""
-        job = Job(comment, context, deadline, published_at, concurrent.futures.Future())
-        with self._cond:
-            # Checked under the lock stop() drains under: a job is either queued before the drain
-            # (and answered by it) or sees the flag, never left in a queue nobody reads again.
-            stopping = self._stopping.is_set()
-            if not stopping:
-                if self.max_queued is not None and len(self._batcher) >= self.max_queued:
-                    raise QueueFull(f"{len(self._batcher)} comments already wait for the model")
-                self._batcher.add(job, self._clock())
-                if deadline is not None:
-                    self._with_deadline += 1
-                self._cond.notify()
-        if stopping:
-            self._deliver([(job, Unavailable("shutting down"))])
-        return job.future
+        return self._enqueue([Job(comment, context, deadline, published_at, concurrent.futures.Future())])[0]
 
     def submit_all(
         self, comments: Sequence[Comment], *, deadline: float | None = None, contexts: Sequence[Any] | None = None
     ) -> list[concurrent.futures.Future]:
         """Queues all of `comments` or none of them (QueueFull): a caller that needs every score, an
         HTTP request, would otherwise leave the ones queued before the refusal scored for nobody."""
-        jobs = [
+        return self._enqueue([
             Job(comment, context, deadline, None, concurrent.futures.Future())
             for comment, context in zip(comments, contexts or [None] * len(comments), strict=True)
-        ]
+        ])
+
+    def _enqueue(self, jobs: list[Job]) -> list[concurrent.futures.Future]:
         with self._cond:
-            if not self._stopping.is_set():  # checked under the lock stop() drains under
+            # Checked under the lock stop() drains under: a job is either queued before the drain
+            # (and answered by it) or sees the flag, never left in a queue nobody reads again.
+            stopping = self._stopping.is_set()
+            if not stopping:
                 if self.max_queued is not None and len(self._batcher) + len(jobs) > self.max_queued:
                     raise QueueFull(f"{len(jobs)} comments do not fit: {len(self._batcher)} of {self.max_queued} places taken")
                 now = self._clock()
                 for job in jobs:
                     self._batcher.add(job, now)
-                if deadline is not None:
-                    self._with_deadline += len(jobs)
+                self._with_deadline += sum(job.deadline is not None for job in jobs)
                 self._cond.notify()
-                return [job.future for job in jobs]
-        self._deliver([(job, Unavailable("shutting down")) for job in jobs])
+        if stopping:
+            self._deliver([(job, Unavailable("shutting down")) for job in jobs])
         return [job.future for job in jobs]
 
     @property
