@@ -150,3 +150,8 @@ def test_cli_distils_the_teachers_into_a_student(cross_fit_teachers, tiny_traini
     one = cmd[:7] + [str(cross_fit_teachers[0])] + cmd[8:]
     bad = subprocess.run(one, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "held them out" in bad.stderr and "Traceback" not in bad.stderr
+
+    # Distillation options without a teacher: refused in one line before any work.
+    alone = cmd[:6] + ["--distill-wide", "--data-dir", str(tiny_training.data_dir)]
+    bad = subprocess.run(alone, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "distill_wide needs --teacher" in bad.stderr and "Traceback" not in bad.stderr

@@ -399,7 +399,12 @@ def train(
         soft, distillation = soft_targets(teachers, train_split.ids, train_split.texts, labels, cache_dir=cache_dir,
                                           allow_in_sample=allow_in_sample_teacher, progress=progress)
         timings["soft_targets"] = round(time.monotonic() - t0, 1)
-        distillation = {**distillation, "alpha": profile.distill_alpha, "wide_part": "labels and soft targets" if profile.distill_wide else "labels"}
+        # What the wide part learned from: a jointly trained one sees the blended loss like the encoder.
+        if profile.wide_fit != "logreg":
+            wide_part = "trained with the encoder, on the same blend"
+        else:
+            wide_part = "labels and soft targets" if profile.distill_wide else "labels"
+        distillation = {**distillation, "alpha": profile.distill_alpha, "wide_part": wide_part}
         logger.info("soft targets for %d training rows in %.0fs (alpha %.2f)", len(soft), timings["soft_targets"], profile.distill_alpha)
 
     backbone = None

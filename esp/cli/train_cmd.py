@@ -103,7 +103,7 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
     from training.profiles import get_profile
     from training.pipeline import train_and_export
 
-    profile = get_profile(ts.profile, epochs=ts.epochs, max_train_rows=ts.max_train_rows, distill_alpha=ts.distill_alpha)
+    profile = get_profile(ts.profile, epochs=ts.epochs, max_train_rows=ts.max_train_rows, distill_alpha=ts.distill_alpha, distill_wide=ts.distill_wide)
     work_name = profile.name + (f"-fold{ts.fold()[0]}of{ts.fold()[1]}" if ts.fold() else "") + ("-distilled" if ts.teacher_dirs() else "")
 
     def on_epoch(record: dict) -> None:

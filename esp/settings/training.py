@@ -124,6 +124,11 @@ class TrainSettings:
     distill_alpha: float | None = setting(
         None, env="ESP_TRAIN_DISTILL_ALPHA", help="Weight of the teachers' soft targets in the loss, 0..1 (the rest is the labels); unset: the profile's."
     )
+    distill_wide: bool | None = setting(
+        None,
+        env="ESP_TRAIN_DISTILL_WIDE",
+        help="Distil: also fit the wide n-gram part on the blend of labels and soft targets (else on the labels alone); unset: the profile's.",
+    )
     allow_in_sample_teacher: bool = setting(
         False, env="ESP_TRAIN_ALLOW_IN_SAMPLE_TEACHER", help="Accept a teacher that trained on the rows it gives soft targets for (its outputs there are close to the labels)."
     )
@@ -144,6 +149,7 @@ class TrainSettings:
         require(self.export_version is None or self.export_version > 0, "export_version must be a positive integer")
         require(self.distill_alpha is None or 0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be between 0 and 1")
         require(self.distill_alpha is None or bool(self.teacher_dirs()), "distill_alpha needs --teacher")
+        require(not self.distill_wide or bool(self.teacher_dirs()), "distill_wide needs --teacher")
         self.fold()  # raises ValueError, which settings turn into a one-line ConfigError
 
     def teacher_dirs(self) -> tuple[str, ...]:
