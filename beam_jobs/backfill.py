@@ -50,6 +50,9 @@ NAMESPACE = bq.METRICS_NAMESPACE
 # Text-length buckets (characters) for Beam's length-aware batching: comments of one bucket share
 # a batch. The shipped comments: median about 200 characters, 95th percentile about 1,300.
 LENGTH_BUCKETS = [64, 128, 256, 512, 1024]
+# Comments per shuffled element: enough to make the shuffle's per-element cost vanish, few enough that
+# a file's comments still spread over every worker (docs/backfill.md, Benchmark).
+SHUFFLE_CHUNK = 256
 # Attributes added to the stream's own score attributes when the backfill publishes a score, so
 # consumers can tell the two apart (a subscription filter: `attributes.source = "backfill"`).
 ATTR_SOURCE = "source"
@@ -358,6 +361,10 @@ class SplitResults(_Counted):
 # Sinks
 
 
+def _each(chunk: list[Any]) -> list[Any]:
+    return chunk
+
+
 def score_row(score: Score, run_id: str) -> dict[str, Any]:
     """A Score as a row of the scores table: one column per label, in the model's order."""
     return {
@@ -512,8 +519,11 @@ def build(pipeline: beam.Pipeline, config: BackfillConfig) -> dict[str, beam.PCo
         )
     results = (
         valid.comments
-        # One file (or one stream) is read by one worker: spread the comments before the model.
+        # One file (or one stream) is read by one worker: spread the comments before the model. They
+        # cross the shuffle in chunks: per element, a shuffle costs about as much CPU as the model.
+        | "Chunk" >> beam.BatchElements(min_batch_size=SHUFFLE_CHUNK, max_batch_size=SHUFFLE_CHUNK)
         | "Spread" >> beam.Reshuffle()
+        | "Unchunk" >> beam.FlatMap(_each)
         | "Score" >> RunInference(ScorerModelHandler(config))
         | "Split" >> beam.ParDo(SplitResults(interval)).with_outputs(DEAD_LETTERS, main=SCORES)
     )

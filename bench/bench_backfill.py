@@ -7,8 +7,11 @@ written as one JSONL file. Measured, one after the other on the same texts:
    in batches of --batch-size grouped by length as Beam groups them (the model alone, no Beam);
 2. the backfill: `beam_jobs.backfill.run` on the multi-process DirectRunner (--workers processes,
    TensorFlow intra/inter-op threads 1 per process, a Reshuffle after reading since one file is one
-   split), the in-process backend, scores and dead letters to files. The rate counts the whole run,
-   start-up included; CPU-seconds are this process and its worker processes together.
+   split), the in-process backend, scores and dead letters to files. Two rates: the whole run,
+   start-up included, and the steady state: while the run goes, the bytes of scores the workers have
+   written so far (Beam's temporary files) are sampled, and the rate between 10% and 90% of the
+   final bytes leaves out start-up (worker processes, TensorFlow, the model) and the final commit.
+   CPU-seconds are this process and its worker processes together, for the whole run.
 
 Then a cost model: CPU-seconds per 1,000 comments, and per million comments on Dataflow for a
 machine type and prices given on the command line (no price is built in).
@@ -31,6 +34,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,13 +124,39 @@ def backfill_throughput(model: str, input_path: Path, out_dir: Path, batch_size:
         input=str(input_path), output=str(out_dir), backend="saved_model", saved_model_dir=model,
         max_batch_size=batch_size, backfill=BackfillSettings(tf_threads=1, progress_interval_s=15),
     )
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not done.wait(0.5):
+            written = sum(f.stat().st_size for d in out_dir.glob("beam-temp-scores*") for f in d.rglob("*") if f.is_file())
+            samples.append((time.perf_counter() - t0, written))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     cpu0 = _cpu_now()
-    summary = run(config, ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"])
+    sampler.start()
+    try:
+        summary = run(config, ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"])
+    finally:
+        done.set()
+        sampler.join()
     cpu = _cpu_now() - cpu0
     return {
         "comments": summary.scored, "dead_lettered": summary.dead_lettered, "seconds": summary.seconds,
         "comments_per_s": summary.rate, "cpu_s_per_1000": cpu / max(summary.scored, 1) * 1000,
+        "steady_comments_per_s": steady_rate(samples, summary.scored),
     }
+
+
+def steady_rate(samples: list[tuple[float, int]], comments: int) -> float | None:
+    """Comments/s between the samples where 10% and 90% of the scores' bytes were written."""
+    final = max((b for _, b in samples), default=0)
+    if not final:
+        return None
+    t10 = next(t for t, b in samples if b >= 0.1 * final)
+    t90 = next(t for t, b in samples if b >= 0.9 * final)
+    return 0.8 * comments / (t90 - t10) if t90 > t10 else None
 
 
 def cost_per_million(cpu_s_per_1000: float, *, vcpu_hour_usd: float, gb_hour_usd: float, machine_vcpus: int, machine_gb: float) -> float:
@@ -142,15 +172,17 @@ def chart(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["model alone\n(in process)", "backfill\n(multi-process DirectRunner)"]
-    values = [result["raw"]["comments_per_s"], result["backfill"]["comments_per_s"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(labels, values, color=["#888888", "#1f77b4"])
+    labels = ["model alone\n(in process)", "backfill,\nwhole run", "backfill,\nsteady state"]
+    values = [result["raw"]["comments_per_s"], result["backfill"]["comments_per_s"], result["backfill"].get("steady_comments_per_s") or 0.0]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bars = ax.bar(labels, values, color=["#888888", "#9ecae1", "#1f77b4"])
     for bar, value in zip(bars, values):
-        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s", ha="center", va="bottom")
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s ({value / values[0] * 100:.0f}%)", ha="center", va="bottom")
+    ax.axhline(0.7 * values[0], color="#d62728", lw=1, ls="--", label="70% of the model alone")
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_ylabel("comments per second")
-    ax.set_title(f"Backfill vs the model alone: {result['ratio'] * 100:.0f}%\n"
-                 f"({result['backfill']['comments']:,} comments, {result['workers']} processes, shared 2-core machine)", fontsize=9)
+    ax.set_title(f"Backfill vs the model alone ({result['backfill']['comments']:,} comments, {result['workers']} processes, "
+                 f"multi-process DirectRunner, {result['cpus']} cores)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -182,11 +214,16 @@ def main() -> None:
         write_input(input_path, texts, args.comments)
         backfill = backfill_throughput(args.model, input_path, Path(tmp) / "out", args.batch_size, args.workers)
     ratio = backfill["comments_per_s"] / raw["comments_per_s"]
+    steady = backfill["steady_comments_per_s"]
+    steady_ratio = steady / raw["comments_per_s"] if steady else None
     print(f"backfill: {backfill['comments']:,} comments in {backfill['seconds']:.1f}s = {backfill['comments_per_s']:,.0f} comments/s "
           f"({ratio * 100:.0f}% of the model alone), {backfill['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
+    if steady_ratio is not None:
+        print(f"backfill steady state (10% to 90% of the scores written): {steady:,.0f} comments/s "
+              f"({steady_ratio * 100:.0f}% of the model alone)", flush=True)
     result: dict[str, Any] = {
         "model": args.model, "workers": args.workers, "batch_size": args.batch_size, "distinct_texts": len(texts),
-        "raw": raw, "backfill": backfill, "ratio": ratio, "cpus": os.cpu_count(),
+        "raw": raw, "backfill": backfill, "ratio": ratio, "steady_ratio": steady_ratio, "cpus": os.cpu_count(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if args.vcpu_hour_usd is not None and args.gb_hour_usd is not None:
