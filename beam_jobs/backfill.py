@@ -256,11 +256,21 @@ class ValidateRow(_Counted):
             yield comment_from_fields(cid, text, max_body_bytes=self._max)
         except InvalidComment as exc:
             self.count("dead-lettered")
-            body = json.dumps({"id": cid, "text": text}, ensure_ascii=False, default=str).encode("utf-8")
+            body = _row_body(cid, text)
             readable_id = cid if isinstance(cid, str) else None
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTERS, DeadRow(body, Stage.VALIDATE, exc.error_type, exc.reason, utc_now(), readable_id)
             )
+
+
+def _row_body(cid: Any, text: Any) -> bytes:
+    """The row as the JSON a dead letter keeps, whatever its columns hold (text that UTF-8 cannot
+    carry, such as a lone surrogate, is kept as JSON escapes; unknown types as their str())."""
+    row = {"id": cid, "text": text}
+    try:
+        return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(row, ensure_ascii=True, default=str).encode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------

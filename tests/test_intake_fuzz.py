@@ -123,3 +123,47 @@ def test_the_fuzzer_reaches_the_cases_that_once_stopped_a_worker() -> None:
         else:
             raise AssertionError("accepted a body that is no comment")
     assert Comment("a", "b").to_json_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backfill's readers: a JSONL line, and a BigQuery row (whatever its columns hold).
+
+ROW_VALUE = JSON_VALUE | st.binary(max_size=50) | st.datetimes() | st.decimals(allow_nan=True)
+
+
+def _backfill_outputs(dofn: object, element: object) -> list[object]:
+    dofn.setup()
+    return list(dofn.process(element))
+
+
+def _check_backfill_outputs(outputs: list[object]) -> None:
+    import apache_beam as beam
+
+    from beam_jobs.backfill import DEAD_LETTERS
+
+    assert len(outputs) <= 1
+    for out in outputs:
+        if isinstance(out, Comment):
+            Score(out.id, {"toxic": 0.5}, {"toxic": 0.5}, "m", 1, False, dt.datetime.now(dt.timezone.utc)).to_json_bytes()
+            continue
+        assert isinstance(out, beam.pvalue.TaggedOutput) and out.tag == DEAD_LETTERS
+        row = out.value
+        assert row.error_type in ERROR_TYPES and row.reason
+        json.loads(row.to_json_line())
+        json.dumps(row.to_row("run-1", "fuzz"), default=str)
+
+
+@FUZZ
+@given(BODIES)
+def test_the_backfills_line_reader_never_raises(body: bytes) -> None:
+    from beam_jobs.backfill import ValidateLine
+
+    _check_backfill_outputs(_backfill_outputs(ValidateLine(DEFAULT_MAX_BODY_BYTES, 3600.0), body))
+
+
+@FUZZ
+@given(st.fixed_dictionaries({"id": ROW_VALUE, "text": ROW_VALUE}))
+def test_the_backfills_bigquery_row_reader_never_raises(row: dict) -> None:
+    from beam_jobs.backfill import ValidateRow
+
+    _check_backfill_outputs(_backfill_outputs(ValidateRow(DEFAULT_MAX_BODY_BYTES, 3600.0), row))
