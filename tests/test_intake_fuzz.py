@@ -1,6 +1,6 @@
-"""Property-based tests of the worker's intake: whatever a producer sends, nothing raises out, every
-rejection carries its type and reason, everything accepted can be scored, encoded and published,
-and every dead letter fits Pub/Sub.
+"""Property-based tests of the worker's intake and the backfill's readers (JSONL lines, BigQuery
+rows): whatever a producer sends, nothing raises out, every rejection carries its type and reason,
+everything accepted can be scored, encoded and published, and every dead letter fits Pub/Sub.
 
 Bounded for the suite (a few seconds). For a run 200 times longer (tests/fixtures/fuzz.py):
     .venv/bin/pytest tests/test_intake_fuzz.py --hypothesis-profile=esp-fuzz-long --timeout=0
