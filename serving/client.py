@@ -111,11 +111,17 @@ def tensor_shape(tensor: pb.TensorProto) -> list[int]:
     return [d.size for d in tensor.tensor_shape.dim]
 
 
-def tensor_values(tensor: pb.TensorProto) -> list[Any]:
-    """The flat values of a tensor, from tensor_content or the typed *_val field, without numpy."""
+def tensor_values(tensor: pb.TensorProto, max_elements: int | None = None) -> list[Any]:
+    """The flat values of a tensor, from tensor_content or the typed *_val field, without numpy.
+
+    `max_elements`: refuse a shape declaring more, before anything is expanded (a compact tensor
+    declaring 2**32 elements with one value would otherwise be filled out in memory).
+    """
     count = 1
     for size in tensor_shape(tensor):
         count *= size
+    if max_elements is not None and count > max_elements:
+        raise ModelContractError(f"tensor of shape {tensor_shape(tensor)} declares more than the {max_elements} element(s) expected")
     if tensor.tensor_content:
         if tensor.dtype == pb.DT_BOOL:
             values: list[Any] = [b != 0 for b in tensor.tensor_content]
@@ -466,7 +472,7 @@ class TFServingScorer:
         for label in labels:
             if label not in outputs:
                 raise ModelContractError(f"{self.describe()} v{version}: no output for label {label!r}")
-            values = tensor_values(outputs[label])
+            values = tensor_values(outputs[label], max_elements=max(n, 1))
             if len(values) != n:
                 raise ModelContractError(
                     f"{self.describe()} v{version}: output {label!r} has {len(values)} rows for {n} texts"
@@ -475,10 +481,10 @@ class TFServingScorer:
         thresholds = {}
         for label in labels:
             key = THRESHOLD_PREFIX + label
-            values = tensor_values(outputs[key]) if key in outputs else []
+            values = tensor_values(outputs[key], max_elements=max(n, 1)) if key in outputs else []
             thresholds[label] = float(values[0]) if values else DEFAULT_THRESHOLD
         if TRUNCATED_KEY in outputs:
-            truncated = [bool(v) for v in tensor_values(outputs[TRUNCATED_KEY])]
+            truncated = [bool(v) for v in tensor_values(outputs[TRUNCATED_KEY], max_elements=max(n, 1))]
         else:
             truncated = [False] * n
         probabilities = [tuple(row) for row in zip(*columns)] if n else []

@@ -102,7 +102,32 @@ def to_tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
+def _declared_elements(key: str, proto: tensor_pb2.TensorProto) -> int:
+    count = 1  # Python ints: dimensions that overflow int64 when multiplied are refused, not wrapped
+    for dim in proto.tensor_shape.dim:
+        if dim.size < 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} has a negative dimension ({dim.size})")
+        count *= dim.size
+    return count
+
+
 def from_tensor_proto(key: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """The request's tensor as an array; it must carry every element its shape declares.
+
+    TensorFlow fills a tensor whose *_val list is shorter than its shape with copies of the last
+    value. From a client that is an amplifier: twenty bytes declaring 2**32 strings make
+    tf.make_ndarray build a list of 2**32 items and exhaust the server's memory. No ESP client (nor
+    TF Serving's own examples) relies on the fill, so a request must carry what it declares. A
+    tensor_content buffer is checked by make_ndarray itself (its length must match the shape).
+    """
+    if not proto.tensor_content:
+        declared = _declared_elements(key, proto)
+        carried = sum(len(value) for field, value in proto.ListFields() if field.name.endswith("_val"))
+        if declared != carried:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {key!r} declares {declared} element(s) in its shape but carries {carried} value(s)",
+            )
     try:
         return tf.make_ndarray(proto)
     except Exception as exc:  # any malformed tensor is the request's fault

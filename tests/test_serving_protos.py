@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from serving import esp_tfs_pb2 as ours
-from serving.client import string_tensor, tensor_values
+from serving.client import ModelContractError, string_tensor, tensor_values
 from serving.saved_model import LoadedModel, resolve_version_dir
 
 
@@ -122,3 +122,13 @@ def test_model_status_messages():
 def test_packages_do_not_collide():
     assert ours.TensorProto.DESCRIPTOR.full_name == "esp_tfs.TensorProto"
     assert predict_pb2.PredictRequest.DESCRIPTOR.full_name == "tensorflow.serving.PredictRequest"
+
+
+def test_a_response_tensor_declaring_more_than_expected_is_refused_before_it_is_filled():
+    # One value and a shape of 2**40: filled out, a worker would run out of memory.
+    compact = ours.TensorProto(dtype=ours.DT_FLOAT, float_val=[0.5])
+    compact.tensor_shape.dim.add(size=2**40)
+    with pytest.raises(ModelContractError, match="declares more than the 3 element"):
+        tensor_values(compact, max_elements=3)
+    compact.tensor_shape.dim[0].size = 3
+    assert tensor_values(compact, max_elements=3) == [0.5, 0.5, 0.5]

@@ -83,6 +83,42 @@ def test_bad_inputs_are_invalid_argument_and_server_survives(stub, inputs, messa
     assert predict.Predict(_request(), timeout=10).model_spec.version.value == 1
 
 
+def _declared(dtype, dims, **values):
+    # Built by hand: shapes that declare more elements than the request carries (TF's compact form).
+    proto = tf.make_tensor_proto(np.array([b"x"], dtype=object))
+    proto.Clear()
+    proto.dtype = dtype
+    for size in dims:
+        proto.tensor_shape.dim.add(size=size)
+    for field, items in values.items():
+        getattr(proto, field).extend(items)
+    return proto
+
+
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        # Twenty bytes that would make a 2**40-item list if the server filled the tensor out.
+        (_declared(tf.string.as_datatype_enum, [2**40]), "declares 1099511627776 element(s) in its shape but carries 0"),
+        (_declared(tf.string.as_datatype_enum, [2**31], string_val=[b"again"]), "but carries 1 value"),
+        (_declared(tf.float32.as_datatype_enum, [2**20, 2**20], float_val=[0.5]), "but carries 1 value"),
+        # Multiplied in int64 these wrap around to 0 elements.
+        (_declared(tf.string.as_datatype_enum, [2**32, 2**32]), "declares 18446744073709551616"),
+        (_declared(tf.string.as_datatype_enum, [3], string_val=[b"a", b"b"]), "declares 3 element(s) in its shape but carries 2"),
+        (_declared(tf.string.as_datatype_enum, [-1], string_val=[b"a"]), "negative dimension"),
+    ],
+)
+def test_a_shape_larger_than_its_values_is_refused_before_anything_is_allocated(stub, tensor, message):
+    predict, _ = stub
+    request = _request()
+    request.inputs["text"].CopyFrom(tensor)
+    with pytest.raises(grpc.RpcError) as info:
+        predict.Predict(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    assert predict.Predict(_request(), timeout=10).model_spec.version.value == 1
+
+
 def test_unknown_model_and_version_are_not_found(stub):
     predict, models = stub
     request = _request()
