@@ -52,6 +52,7 @@ class Reason:
 
     BODY_TOO_LARGE = "body_too_large"
     INVALID_JSON = "invalid_json"
+    INVALID_UTF8 = "invalid_utf8"
     INVALID_REQUEST = "invalid_request"
     TOO_MANY_COMMENTS = "too_many_comments"
     TEXT_TOO_LONG = "text_too_long"

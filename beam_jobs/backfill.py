@@ -53,6 +53,7 @@ LENGTH_BUCKETS = [64, 128, 256, 512, 1024]
 # Comments per shuffled element: enough to make the shuffle's per-element cost vanish, few enough that
 # a file's comments still spread over every worker (docs/backfill.md, Benchmark).
 SHUFFLE_CHUNK = 256
+UTF8_BOM = b"\xef\xbb\xbf"
 # Attributes added to the stream's own score attributes when the backfill publishes a score, so
 # consumers can tell the two apart (a subscription filter: `attributes.source = "backfill"`).
 ATTR_SOURCE = "source"
@@ -226,6 +227,9 @@ class ValidateLine(_Counted):
         self._max = max_body_bytes
 
     def process(self, line: bytes) -> Iterator[Any]:
+        # A file's byte order mark reaches its first line. Lines arrive without their position, so
+        # it is dropped from any line: a BOM is never a JSON body's first character otherwise.
+        line = line.removeprefix(UTF8_BOM)
         if not line.strip():
             return
         self.count("read")

@@ -148,6 +148,37 @@ def _check_fields(obj: Any) -> Comment:
     return Comment(id=cid, text=text)
 
 
+class AmbiguousJson(ValueError):
+    """JSON the standard leaves open to each reader: a repeated key, or NaN/Infinity (not JSON at all)."""
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: only then find which key it was
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise AmbiguousJson(f"key {key[:100]!r} appears more than once in one object")
+            seen.add(key)
+    return obj
+
+
+def _not_a_number(name: str) -> Any:
+    raise AmbiguousJson(f"{name} is not a JSON value")
+
+
+def loads_json(data: str | bytes) -> Any:
+    """JSON as every ESP intake reads it (the stream, `esp publish`, the backfill, the HTTP API).
+
+    Stricter than `json.loads` in two ways, because a body two readers would read differently must
+    not get a score: a repeated key (`{"text": "kind words", "text": "abuse"}`: Python keeps the
+    last, other parsers the first, so a producer's own filter and ESP would judge different
+    comments) and the non-standard NaN and Infinity are refused with AmbiguousJson. Other errors are
+    the json module's: JSONDecodeError, RecursionError, ValueError (an integer too long to convert).
+    """
+    return json.loads(data, object_pairs_hook=_object_without_repeated_keys, parse_constant=_not_a_number)
+
+
 def parse_comment(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Comment:
     """Validates a message body against the comment contract; raises InvalidComment with the reason."""
     if len(body) > max_body_bytes:
@@ -159,7 +190,9 @@ def parse_comment(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     except UnicodeDecodeError as exc:
         raise InvalidComment(ErrorType.INVALID_UTF8, f"body is not valid UTF-8 at byte {exc.start}") from None
     try:
-        obj = json.loads(decoded)
+        obj = loads_json(decoded)
+    except AmbiguousJson as exc:
+        raise InvalidComment(ErrorType.INVALID_JSON, f"body is ambiguous JSON: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InvalidComment(
             ErrorType.INVALID_JSON, f"body is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from esp.contracts import Comment, InvalidComment, comment_from_fields
+from esp.contracts import AmbiguousJson, Comment, InvalidComment, comment_from_fields, loads_json
 from esp.errors import ConfigError, EspError
 from esp.pubsub import check_reachable, publisher_client, where
 from esp.settings import CommentSettings, PubSubSettings
@@ -77,16 +77,17 @@ def open_text(path: str) -> IO[str]:
     """Opens a path (or '-' for stdin) as UTF-8 text, transparently gunzipping *.gz.
 
     Invalid bytes are kept as surrogate escapes rather than raised while decoding a whole chunk,
-    so the one bad row can be rejected with its own line number (`_utf8_error`).
+    so the one bad row can be rejected with its own line number (`_utf8_error`). A byte order mark
+    at the very start (spreadsheet programs write one) marks the encoding and is dropped.
     """
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape", newline="")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no such file: {path}")
     if path.endswith(".gz"):
-        return gzip.open(p, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-    return open(p, encoding="utf-8", errors="surrogateescape", newline="")
+        return gzip.open(p, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return open(p, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 def _utf8_error(*values: str) -> str | None:
@@ -141,7 +142,10 @@ def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes:
             yield Row(lineno, None, bad_utf8)
             continue
         try:
-            obj = json.loads(raw)
+            obj = loads_json(raw)
+        except AmbiguousJson as exc:
+            yield Row(lineno, None, f"invalid_json: ambiguous JSON: {exc}")
+            continue
         except json.JSONDecodeError as exc:
             yield Row(lineno, None, f"invalid_json: {exc.msg} at column {exc.colno}")
             continue

@@ -68,6 +68,12 @@ VIOLATIONS = [
     (b'{"id": "a", "text": ""}', ErrorType.EMPTY_TEXT, "empty"),
     (b'{"id": "a", "text": " \\n\\t "}', ErrorType.EMPTY_TEXT, "whitespace"),
     (b'{"id": "a", "text": "caf\xe9"}', ErrorType.INVALID_UTF8, "byte 24"),
+    # Bodies two JSON readers read differently never get a score (esp.contracts.loads_json).
+    (b'{"id": "a", "text": "kind words", "text": "abuse"}', ErrorType.INVALID_JSON, "key 'text' appears more than once"),
+    (b'{"id": "a", "text": "t", "meta": {"k": 1, "k": 2}}', ErrorType.INVALID_JSON, "key 'k' appears more than once"),
+    (b'{"id": "a", "text": "t", "weight": NaN}', ErrorType.INVALID_JSON, "NaN is not a JSON value"),
+    (b'{"id": "a", "text": "t", "w": [-Infinity]}', ErrorType.INVALID_JSON, "-Infinity is not a JSON value"),
+    (b'\xef\xbb\xbf{"id": "a", "text": "t"}', ErrorType.INVALID_JSON, "BOM"),
 ]
 
 

@@ -167,3 +167,14 @@ def test_the_backfills_bigquery_row_reader_never_raises(row: dict) -> None:
     from beam_jobs.backfill import ValidateRow
 
     _check_backfill_outputs(_backfill_outputs(ValidateRow(DEFAULT_MAX_BODY_BYTES, 3600.0), row))
+
+
+def test_the_backfills_line_reader_drops_a_files_byte_order_mark_and_nothing_else() -> None:
+    from beam_jobs.backfill import ValidateLine
+
+    reader = ValidateLine(DEFAULT_MAX_BODY_BYTES, 3600.0)
+    [comment] = _backfill_outputs(reader, b'\xef\xbb\xbf{"id": "a", "text": "first line"}')
+    assert comment == Comment("a", "first line")
+    assert _backfill_outputs(reader, b"\xef\xbb\xbf \n") == []
+    [dead] = _backfill_outputs(reader, b'\xef\xbb\xbf\xef\xbb\xbf{"id": "a", "text": "t"}')  # only one mark is the file's
+    assert dead.value.error_type == "invalid_json"

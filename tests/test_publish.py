@@ -229,6 +229,32 @@ def test_valid_json_python_cannot_hold_is_a_rejection() -> None:
     assert [r.error.split(":")[0] for r in rows[1:]] == ["invalid_json", "invalid_json", "invalid_utf8"]
 
 
+def test_ambiguous_json_is_a_rejection_with_its_reason() -> None:
+    text = "\n".join(['{"id": "a", "text": "kind", "text": "abuse"}', '{"id": "b", "text": "t", "w": NaN}',
+                      '{"id": "c", "text": "fine"}'])  # fmt: skip
+    rows = _read_all(text, "jsonl")
+    assert [r.error for r in rows[:2]] == [
+        "invalid_json: ambiguous JSON: key 'text' appears more than once in one object",
+        "invalid_json: ambiguous JSON: NaN is not a JSON value",
+    ]
+    assert rows[2].comment is not None and rows[2].comment.text == "fine"
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.csv", "bom.csv.gz"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_part_of_its_first_row(tmp_path: Path, name: str) -> None:
+    # Spreadsheet programs save "CSV UTF-8" with a BOM: without this the header's first column is
+    # "\ufeffid" and the whole file is refused for want of an id column.
+    content = '{"id": "a", "text": "first"}\n' if name.endswith(".jsonl") else "id,text\na,first\n"
+    data = b"\xef\xbb\xbf" + content.encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    fmt = "jsonl" if ".jsonl" in name else "csv"
+    with open_text(str(path)) as stream:
+        rows = list(read_rows(stream, fmt, id_column="id", text_column="text", max_body_bytes=65536))
+    first_row_line = 1 if fmt == "jsonl" else 2  # under the CSV header
+    assert [(r.line, r.comment.id if r.comment else r.error) for r in rows] == [(first_row_line, "a")]
+
+
 def test_a_truncated_gzip_file_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "cut.jsonl.gz"
     whole = gzip.compress("".join(json.dumps(c) + "\n" for c in _comments(2000)).encode())
