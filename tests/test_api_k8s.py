@@ -4,7 +4,11 @@ tests/test_deploy_run.py)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tests.fixtures import cluster as local
 
@@ -51,3 +55,28 @@ def test_api_autoscales_and_opens_only_its_port(production: list[dict]) -> None:
     assert labels["esp-tf-serving-client"] == "true" and labels["esp-google-apis"] == "true"
     service = local.find(production, "Service", "esp-api")["spec"]["ports"]
     assert [(p["port"], p["targetPort"]) for p in service] == [(80, "http")]
+
+
+def _api_lists(manifests: list[dict]) -> dict[str, list[dict]]:
+    spec = local.find(manifests, "Deployment", "esp-api")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return {"env": container.get("env", []), "volumeMounts": container.get("volumeMounts", []), "volumes": spec.get("volumes", [])}
+
+
+@pytest.mark.parametrize("variant", local.variants(), ids=local.variant_id)
+def test_the_api_keys_patch_of_the_docs_mounts_the_keys_and_keeps_the_rest(variant: tuple) -> None:
+    """docs/api.md's `patches:` block, added to an overlay as the page says: the keys file is where
+    ESP_API_KEYS_FILE points, from the Secret the page's command creates, and every env entry,
+    mount and volume the overlay and its component had (the tls component's CA) is still there."""
+    text = (local.ROOT / "docs" / "api.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "ESP_API_KEYS_FILE" in b]
+    secret, key = re.search(r"create secret generic (\S+) --from-file=([^=\s]+)=", text).groups()
+    before = _api_lists(local.build_variant(variant))
+    after = _api_lists(local.build_variant(variant, patches=yaml.safe_load(block)["patches"]))
+    for field, items in before.items():
+        lost = [item for item in items if item not in after[field]]
+        assert not lost, f"the patch drops {field} {lost}"
+    keys_file = Path(next(e["value"] for e in after["env"] if e["name"] == "ESP_API_KEYS_FILE"))
+    (mount,) = [m for m in after["volumeMounts"] if Path(m["mountPath"]) == keys_file.parent]
+    (volume,) = [v for v in after["volumes"] if v["name"] == mount["name"]]
+    assert (volume["secret"]["secretName"], keys_file.name) == (secret, key)

@@ -266,6 +266,39 @@ def test_every_pod_is_hardened(manifests: list[dict]) -> None:
                 assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where} lacks {kind}"
 
 
+def _volume_file_modes(volume: dict) -> list[int]:
+    """The modes of the files a secret, configMap or projected volume writes (an item's own mode
+    wins; Kubernetes writes 0644 where nothing names one)."""
+    default = 0o644
+    sources = [volume[k] for k in ("secret", "configMap") if k in volume]
+    if "projected" in volume:
+        default = volume["projected"].get("defaultMode", default)
+        sources = [s[k] for s in volume["projected"].get("sources", []) for k in ("secret", "configMap") if k in s]
+    modes = []
+    for source in sources:
+        modes.append(source.get("defaultMode", default))
+        modes += [item["mode"] for item in source.get("items", []) if "mode" in item]
+    return modes
+
+
+def test_every_container_can_read_its_mounted_files(manifests: list[dict]) -> None:
+    """Secret and ConfigMap files belong to root. A mode without read for others is readable by a
+    non-root container only through fsGroup: the kubelet then gives the files that group with
+    group read, and adds the group to every container's groups. Without it TF Serving, say, cannot
+    open its SSLConfig and never starts. (Root could read them; test_every_pod_is_hardened forbids it.)"""
+    for deployment in local.of_kind(manifests, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        fs_group = spec.get("securityContext", {}).get("fsGroup")
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                for mode in _volume_file_modes(volumes[mount["name"]]):
+                    assert mode & 0o004 or fs_group is not None, (
+                        f"{deployment['metadata']['name']}/{container['name']}: volume {mount['name']} writes files "
+                        f"root:root {mode:04o}, which its non-root user cannot read: set the pod's fsGroup"
+                    )
+
+
 def test_network_policies_deny_by_default(manifests: list[dict]) -> None:
     policies = local.of_kind(manifests, "NetworkPolicy")
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
