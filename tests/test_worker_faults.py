@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from esp.contracts import DeadLetter, ErrorType, Stage
-from esp.fault_proxy import MODIFY_ACK_DEADLINE, PUBLISH, FaultProxy, Rule, publish_containing, publish_to
+from esp.fault_proxy import MODIFY_ACK_DEADLINE, PUBLISH, PULL, FaultProxy, Rule, publish_containing, publish_to
 from esp.localstack import PubSubEmulator, wait_until
 from serving.client import PREDICT_METHOD, TFServingScorer
 from serving.local import ModelServerProcess
@@ -184,6 +184,24 @@ def test_a_topic_outage_pauses_holds_leases_and_loses_nothing(
     assert sample(worker, "esp_publish_retries_total", topic=s.scores_topic if topic == "scores" else s.dead_letter_topic) >= 1
     assert sample(worker, "esp_paused_seconds_total", cause="scores topic" if topic == "scores" else "dead-letter topic") > 0
     wait_until(worker.ready, timeout_s=5, what="ready again")
+    drained(worker)
+
+
+def test_a_failing_pull_shows_as_a_pubsub_pause_and_the_worker_resumes(
+    stream: Stream, start: Callable[..., Worker], proxy: FaultProxy
+) -> None:
+    worker = start(SumScorer(), proxy)
+    wait_until(worker.ready, timeout_s=15, what="ready")
+    rule = proxy.add(Rule(PULL, grpc.StatusCode.UNAVAILABLE, "subscription unavailable (injected)"))
+    wait_until(lambda: not worker.ready(), timeout_s=15, what="not ready while pulls fail")
+    assert "cannot pull" in (worker.not_ready() or "") and "injected" in (worker.not_ready() or "")
+    assert sample(worker, "esp_paused", cause="Pub/Sub") == 1
+    stream.publish_comments([(f"p-{i}", f"published while pulls fail {i}") for i in range(10)])
+    proxy.remove(rule)
+    stream.collect(scores=10, timeout_s=30)
+    wait_until(worker.ready, timeout_s=10, what="ready again")
+    assert sample(worker, "esp_paused", cause="Pub/Sub") == 0
+    assert sample(worker, "esp_paused_seconds_total", cause="Pub/Sub") > 0
     drained(worker)
 
 

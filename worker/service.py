@@ -388,6 +388,7 @@ class Worker:
             self._clock() - self._started_at,
         )
         request: dict[str, Any] = {"subscription": self._sub_path, "max_messages": 0}
+        pull_failing_since = 0.0
         while not self._stop.is_set():
             # An open outage: messages not yet pulled spend no delivery attempt, so leave them there.
             if self.outages.paused():
@@ -403,13 +404,22 @@ class Worker:
                 continue  # an idle subscription: nothing arrived within the pull's deadline
             except gexc.GoogleAPICallError as exc:
                 with self._state_lock:
+                    first = self._pull_error is None
                     self._pull_error = f"{type(exc).__name__}: {exc.message}"
                 log.warning("pull from %s failed: %s", self._sub_path, self._pull_error)
+                if first:
+                    # Shown as a pause like the others, but not one of `outages`: a paused worker
+                    # stops pulling, and this one must keep trying the pull to see it answer again.
+                    pull_failing_since = self._clock()
+                    self._outage_changed(causes.PUBSUB, True)
                 self._stop.wait(1.0)
                 continue
             if self._pull_error is not None:
                 with self._state_lock:
                     self._pull_error = None
+                log.warning("pull from %s answers again", self._sub_path)
+                self._outage_changed(causes.PUBSUB, False)
+                self._outage_resolved(causes.PUBSUB, self._clock() - pull_failing_since)
             received = type(response).pb(response).received_messages
             if received:
                 self._take(received)
