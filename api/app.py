@@ -248,6 +248,15 @@ class ApiApp:
             )
 
     async def _body_json(self, request: Request, *, perspective: bool) -> Any:
+        encoding = request.headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":
+            # Decompressing would let a small body expand past the body limit; refuse it by name
+            # rather than answer "not valid UTF-8" for the compressed bytes.
+            raise ApiError(
+                415, Reason.UNSUPPORTED_MEDIA_TYPE,
+                f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not accepted: send the body uncompressed",
+                perspective_type="INVALID_REQUEST",
+            )
         body = await self._read_body(request)
         if not body:
             raise ApiError(400, Reason.INVALID_JSON, "the request body is empty: send a JSON object", perspective_type="INVALID_REQUEST")

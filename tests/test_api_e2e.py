@@ -8,6 +8,7 @@ requests share batches (the engine's esp_batch_size metric); keys never reach th
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import json
 import os
 import signal
@@ -144,7 +145,7 @@ def test_perspective_documented_examples_over_http(shared_api: ApiProcess) -> No
 # Limits and errors
 
 
-def test_every_limit_and_error_path_has_its_status_and_reason(start_api) -> None:
+def test_every_limit_and_error_path_has_its_status_and_reason(start_api, shared_api) -> None:
     api = start_api(ApiSettings(api_max_body_bytes=4096, api_max_comments=3, api_max_text_bytes=200, api_max_spans=2))
     big = b'{"text": "' + b"a" * 5000 + b'"}'
     cases = [
@@ -154,6 +155,10 @@ def test_every_limit_and_error_path_has_its_status_and_reason(start_api) -> None
         ("POST", "/v1/score", b"", 400, "invalid_json"),
         ("POST", "/v1/score", b'{"text": "unterminated', 400, "invalid_json"),
         ("POST", "/v1/score", b'{"text": "\xff\xfe"}', 400, "invalid_utf8"),
+        # Read as the stream reads it (esp.contracts.loads_json): never one of two possible texts.
+        ("POST", "/v1/score", b'{"text": "kind words", "text": "abuse"}', 400, "invalid_json"),
+        ("POST", "/v1/score", b'{"text": "a", "weight": NaN}', 400, "invalid_json"),
+        ("POST", "/v1/score", b'\xef\xbb\xbf{"text": "a"}', 400, "invalid_json"),
         ("POST", "/v1/score", {"text": " "}, 400, "empty_text"),
         ("POST", "/v1/score", {"text": 3}, 400, "non_string_text"),
         ("POST", "/v1/score", {"id": 7, "text": "a"}, 400, "invalid_id"),
@@ -168,6 +173,13 @@ def test_every_limit_and_error_path_has_its_status_and_reason(start_api) -> None
         got, headers, payload = api.request(method, path, raw)
         assert got == status, (method, path, got, payload[:300])
         _error(json.loads(payload), status, reason=reason)
+    got, _, payload = api.request("POST", "/v1/score", gzip.compress(b'{"text": "a"}'), headers={"Content-Encoding": "gzip"})
+    assert got == 415 and "Content-Encoding 'gzip'" in _error(json.loads(payload), 415, reason="unsupported_media_type")["message"]
+    deep = b'{"text": "a", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    huge_number = b'{"text": "a", "id": ' + b"9" * 5000 + b"}"  # past CPython's 4,300-digit int limit
+    for body, problem in ((deep, "nested too deeply"), (huge_number, "digits")):
+        got, _, payload = shared_api.request("POST", "/v1/score", body)  # within the default body limit
+        assert got == 400 and problem in _error(json.loads(payload), 400, reason="invalid_json")["message"]
     perspective = [
         ({"comment": {"text": "a" * 201}, "requestedAttributes": {"TOXICITY": {}}}, "COMMENT_TOO_LONG"),
         ({"comment": {"text": "a"}, "requestedAttributes": {}}, "NO_REQUESTED_ATTRIBUTES"),
