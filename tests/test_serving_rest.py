@@ -109,6 +109,39 @@ def test_a_flood_of_idle_connections_holds_no_threads_and_probes_still_answer(re
     assert _get(rest_server, "/v1/models/bert")[0] == 200
 
 
+def _raw(server: ModelServerProcess, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.rest_api_port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # the endpoint closes every connection after its answer
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status, answer_part",
+    [
+        (b"GARBAGE\r\n\r\n", 400, b"malformed request line"),
+        (b"GET /v1/models/bert\r\n\r\n", 400, b"malformed request line"),  # no HTTP version
+        (b"GET /v1/models/bert \x00\xff\xfe\r\n\r\n", 400, b"malformed request line"),
+        (b"POST /v1/models/bert HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 405, b"Allow: GET, HEAD"),
+        (b"DELETE /v1/models/bert HTTP/1.1\r\n\r\n", 405, b"Allow: GET, HEAD"),
+        (b"GET /v1/models/\xff\x00bert HTTP/1.1\r\n\r\n", 404, b"Servable not found"),
+        (b"GET http://elsewhere.example/v1/models/bert HTTP/1.1\r\n\r\n", 200, b'"state": "AVAILABLE"'),
+        (b"GET /v1/models/bert?x=%00%ff HTTP/1.1\r\n\r\n", 200, b'"state": "AVAILABLE"'),
+        (b"GET /v1/models/bert/../../../etc/passwd HTTP/1.1\r\n\r\n", 400, b"Malformed request"),
+    ],
+)
+def test_hostile_request_lines_get_a_status_and_the_endpoint_stays_up(
+    rest_server: ModelServerProcess, request_bytes: bytes, status: int, answer_part: bytes
+) -> None:
+    answer = _raw(rest_server, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert answer_part in answer, answer[:600]
+    head = _raw(rest_server, b"HEAD /v1/models/bert HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), "HEAD answers the head only"
+
+
 def test_model_metadata_as_tf_serving_answers_it(rest_server: ModelServerProcess) -> None:
     code, body = _get(rest_server, "/v1/models/bert/metadata")
     assert code == 200
