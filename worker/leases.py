@@ -52,6 +52,10 @@ class Ledger:
         self._held: dict[str, _Lease] = {}
         self._bytes = 0
         self._mean_size = 0.0  # of the messages held so far, weighted to recent pulls; 0 before any
+        # The most ever held at once, by count and by bytes: the flow-control bound's own record
+        # (tests and the benchmark read it; a sampler would miss a brief overshoot).
+        self.peak_count = 0
+        self.peak_bytes = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
 
@@ -99,6 +103,8 @@ class Ledger:
                 if ack_id not in self._held:
                     self._held[ack_id] = _Lease(size_bytes, now, now + lease_s, lease_s)
                     self._bytes += size_bytes
+            self.peak_count = max(self.peak_count, len(self._held))
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
             if messages:
                 pulled = sum(size for _, size in messages) / len(messages)
                 self._mean_size = pulled if self._mean_size == 0 else (self._mean_size + pulled) / 2
