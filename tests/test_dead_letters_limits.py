@@ -7,22 +7,29 @@ Against the real Pub/Sub emulator; helpers from tests/test_dead_letters.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import grpc
+import pytest
 
 from esp.contracts import ATTR_REPLAY_COUNT, KEPT_BODY_CUT, KIND_UNKNOWN, ErrorType, Stage, dead_letter_for
 from esp.dead_letters import holding
 from esp.dead_letters.hold import STOP_TIME
 from esp.dead_letters.letters import Letter
 from esp.dead_letters.replaying import _Publisher
-from esp.pubsub import subscriber_client
+from esp.fault_proxy import PUBLISH, FaultProxy, Rule, publish_containing
+from esp.pubsub import publisher_client, subscriber_client
 from esp.settings import DeadLetterSettings, PubSubSettings
+from tests.fixtures.pubsub import pull_until
 from tests.test_fuzz_dead_letters import received
 from tests.test_dead_letters import FAST, drain, fresh, held, publish_raw, run_cli, settings_args, worker_dead_letter
 
@@ -220,46 +227,61 @@ def test_export_streams_to_disk_with_bounded_memory(emulator: Any, tmp_path: Pat
     assert peaks[40] - peaks[10] < 0.25 * more_mib
 
 
-class _PublishApi:
-    """A tiny Publish API: stores messages; refuses a request holding one marked poison; after
-    `fail_after` stored messages the topic fails (UNAVAILABLE) for good."""
+@pytest.fixture
+def through_proxy(emulator: Any) -> Iterator[tuple[PubSubSettings, FaultProxy]]:
+    """Fresh topics on the emulator, and settings whose calls cross esp.fault_proxy (faults by rule)."""
+    proxy = FaultProxy(emulator.host).start()
+    try:
+        s = fresh(emulator)
+        yield dataclasses.replace(s, emulator_host=proxy.host, pubsub_timeout_s=3.0), proxy
+    finally:
+        proxy.stop()
 
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.stored: list[dict[str, Any]] = []
-        self.fail_after = fail_after
 
-    def publish(self, request: dict[str, Any], retry: Any, timeout: float) -> Any:
-        from google.api_core import exceptions as gexc
+def _publisher(settings: PubSubSettings) -> _Publisher:
+    from google.pubsub_v1 import PublisherClient
 
-        if self.fail_after is not None and len(self.stored) >= self.fail_after:
-            raise gexc.ServiceUnavailable("the topic is gone")
-        if any("poison" in m["attributes"] for m in request["messages"]):
-            raise gexc.InvalidArgument("a message Pub/Sub will not take")
-        first = len(self.stored)
-        self.stored.extend(request["messages"])
-        return type("Response", (), {"message_ids": [str(first + i) for i in range(len(request["messages"]))]})()
+    return _Publisher(PublisherClient(transport=publisher_client(settings).transport), settings)
 
 
 def _window(n: int, poison: int | None = None, size: int = 1) -> list[tuple[Letter, dict[str, Any]]]:
     letters = [Letter.from_received(received(b"x", {}, message_id=str(i))) for i in range(n)]
-    return [(x, {"data": b"x" * size, "attributes": {"poison": "1"} if i == poison else {}}) for i, x in enumerate(letters)]
+    return [(x, {"data": str(i).encode() + (b"<<poison>>" if i == poison else b"x" * size), "attributes": {}})
+            for i, x in enumerate(letters)]  # fmt: skip
 
 
-def test_a_message_pubsub_refuses_is_found_by_splitting_and_the_rest_are_stored() -> None:
-    out = _Publisher(_PublishApi(), PubSubSettings(project="p")).publish("projects/p/topics/t", _window(8, poison=5))
+def _arrived(settings: PubSubSettings, n: int) -> list[str]:
+    return sorted(m.message.data[:1].decode() for m in pull_until(settings, "tap-" + settings.subscription, n, timeout_s=30))
+
+
+def test_a_message_pubsub_refuses_is_found_by_splitting_and_the_rest_are_stored(through_proxy) -> None:
+    s, proxy = through_proxy
+    topic = s.topic_path(s.comments_topic)
+    proxy.add(Rule(PUBLISH, grpc.StatusCode.INVALID_ARGUMENT, "a message Pub/Sub will not take (injected)",
+                   publish_containing(topic, b"<<poison>>")))  # fmt: skip
+    out = _publisher(s).publish(topic, _window(8, poison=5))
     assert [letter.message_id for letter, _ in out.stored] == ["0", "1", "2", "3", "4", "6", "7"]
     assert [letter.message_id for letter, _ in out.refused] == ["5"] and "InvalidArgument" in out.refused[0][1]
     assert out.error is None and out.unsent == []
+    assert _arrived(s, 7) == ["0", "1", "2", "3", "4", "6", "7"], "what was reported stored is on the topic"
 
 
-def test_when_the_topic_fails_mid_window_what_was_stored_is_still_reported_for_acking() -> None:
+def test_when_the_topic_fails_mid_window_what_was_stored_is_still_reported_for_acking(through_proxy) -> None:
+    s, proxy = through_proxy
+    topic = s.topic_path(s.comments_topic)
+    requests: list[bytes] = []
+
+    def after_the_first_request(request: bytes) -> bool:
+        requests.append(request)
+        return len(requests) > 1
+
+    proxy.add(Rule(PUBLISH, grpc.StatusCode.UNAVAILABLE, "the topic is gone (injected)", after_the_first_request))
     # Three requests of two 4 MB messages each (10 MB per request at most); the topic fails after the first.
-    out = _Publisher(_PublishApi(fail_after=2), PubSubSettings(project="p")).publish(
-        "projects/p/topics/t", _window(6, size=4_000_000)
-    )
+    out = _publisher(s).publish(topic, _window(6, size=4_000_000))
     assert [letter.message_id for letter, _ in out.stored] == ["0", "1"]
     assert [letter.message_id for letter in out.unsent] == ["2", "3", "4", "5"]
     assert out.error and "the topic is gone" in out.error
+    assert _arrived(s, 2) == ["0", "1"]
 
 
 def test_a_message_someone_else_put_on_the_topic_is_listed_as_unknown(emulator: Any) -> None:
