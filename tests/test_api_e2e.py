@@ -31,7 +31,7 @@ from esp.settings import BatchingSettings
 from esp.settings.api import ApiSettings
 from tests.fixtures import perspective_docs as docs
 from tests.fixtures.api import fast_batching
-from tests.fixtures.models import TEST_LABELS, export_test_model
+from tests.fixtures.models import TEST_LABELS, TEST_THRESHOLDS, export_test_model
 from tests.fixtures.worker import jigsaw_comments
 
 EXAMPLES = int(os.environ.get("ESP_HYPOTHESIS_EXAMPLES", "40"))
@@ -74,6 +74,11 @@ def _error(body: dict, status: int, reason: str | None = None, error_type: str |
 # Scores
 
 
+def _flags(scores: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """The labels whose score reached the model's threshold, in the record's label order."""
+    return [label for label, p in scores.items() if p >= thresholds[label]]
+
+
 def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_base: Path) -> None:
     from serving.saved_model import SavedModelScorer
 
@@ -83,6 +88,8 @@ def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_ba
         expected = scorer.predict(texts)
     finally:
         scorer.close()
+    # The thresholds are the model's own (its esp_threshold_<label> outputs), not a constant of the API.
+    assert expected.thresholds == pytest.approx(TEST_THRESHOLDS)
     status, _, many = shared_api.post_json("/v1/score", {"comments": [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)]})
     assert status == 200 and many["errors"] == []
     _check(many, "ScoreList")
@@ -91,11 +98,15 @@ def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_ba
         assert record["id"] == f"c{i}" and record["schema_version"] == "1" and record["model"] == {"name": "bert", "version": 1}
         for j, label in enumerate(expected.labels):
             assert abs(record["scores"][label] - expected.probabilities[i][j]) <= 1e-5, (i, label)
+        assert record["flags"] == _flags(record["scores"], expected.thresholds), (i, record)
+    # Both sides of every threshold are crossed: "x" is flagged under the test model, the rest are not.
+    assert [bool(r["flags"]) for r in many["scores"]] == [t == "x" for t in texts]
     # One comment alone: the same record shape, the same scores.
     status, headers, one = shared_api.post_json("/v1/score", {"text": texts[0]})
     assert status == 200 and one["id"].startswith("req-") and headers["content-type"] == "application/json"
     assert all(abs(one["scores"][label] - many["scores"][0]["scores"][label]) <= 1e-5 for label in TEST_LABELS)
     assert one["flags"] == [label for label in TEST_LABELS if label in one["flags"]]
+    assert one["flags"] == _flags(one["scores"], expected.thresholds)
     # Perspective's summary score is the same probability under its attribute name.
     status, _, analyzed = shared_api.post_json(
         "/v1alpha1/comments:analyze", {"comment": {"text": texts[0]}, "requestedAttributes": {"TOXICITY": {}, "IDENTITY_ATTACK": {}}}
