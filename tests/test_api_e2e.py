@@ -8,6 +8,7 @@ requests share batches (the engine's esp_batch_size metric); keys never reach th
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
 import signal
@@ -191,9 +192,65 @@ def test_every_limit_and_error_path_has_its_status_and_reason(start_api) -> None
         _error(payload, 400, error_type=error_type)
     got, _, payload = api.post_json("/v1alpha1/comments:analyze", big)
     assert got == 413 and _error(payload, 413, error_type="COMMENT_TOO_LONG")
-    # A body that declares nothing and never ends: the server reads what it may, then answers 413.
+    # After every refusal above the server still scores (bodies that never end or stall: the test below).
     got, _, payload = api.post_json("/v1/score", {"text": "fine"})
     assert got == 200
+    assert "Traceback" not in api.log_path.read_text()  # type: ignore[union-attr]
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """One HTTP answer read from a raw socket: (status, headers with lower-case names, JSON body)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+
+
+def test_a_body_past_its_size_or_its_time_is_cut_off_and_a_client_that_leaves_costs_nothing(start_api) -> None:
+    """Over raw sockets, the bodies an HTTP library will not send: chunked with no end (no
+    Content-Length to refuse up front), short of its Content-Length and stalled, and abandoned
+    halfway by a client that closes. 413 and 408 come with their reasons and close the connection;
+    a client that leaves is noticed at once, and the server answers the next request as usual."""
+    api = start_api(ApiSettings(api_max_body_bytes=4096, api_max_text_bytes=200, api_read_timeout_s=1.0))
+    head = b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"3e8\r\n" + b" " * 1000 + b"\r\n"  # 1,000 bytes of body
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        # 5,000 bytes past a 4,096-byte limit, and never the last chunk: only the limit on what
+        # was read so far can answer this. One write, so nothing unread is left to reset the answer.
+        sock.sendall(chunked + chunk * 5)
+        status, headers, body = _answer(sock)
+        assert status == 413 and headers["connection"] == "close", (status, headers)
+        error = _error(body, 413, reason="body_too_large")
+        assert error["details"][0]["metadata"] == {"limit": "4096"} and "the limit is 4096" in error["message"]
+        assert sock.recv(1) == b"", "the server closed the connection instead of reading on"
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"text": "')  # 10 of the 100 bytes, then nothing
+        started = time.monotonic()
+        status, headers, body = _answer(sock)
+        waited = time.monotonic() - started
+        assert status == 408 and headers["connection"] == "close", (status, headers)
+        assert "within 1 s" in _error(body, 408, reason="read_timeout")["message"]
+        assert 1.0 - 0.25 <= waited < 1.0 + 2.0, f"answered 408 after {waited:.2f} s, the read timeout is 1 s"
+        assert sock.recv(1) == b""
+
+    openings = [
+        head + b"Content-Length: 100\r\n\r\n",  # the head, and none of the body
+        head + b"Content-Length: 100\r\n\r\n" + b'{"text": "' + b"h" * 40,  # half the body
+        chunked + chunk,  # one chunk of a chunked body
+    ]
+    for opening in openings:
+        left = api.metric("esp_api_errors_total", reason="invalid_request")
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(opening)
+        # Noticed as the client leaving, well before a read timeout would end the wait (read_timeout).
+        wait_until(lambda: api.metric("esp_api_errors_total", reason="invalid_request") == left + 1,
+                   timeout_s=10, what="the API to notice the client went away")
+        assert api.request("GET", "/healthz")[0] == 200
+        status, _, one = api.post_json("/v1/score", {"text": "fine, right after"})
+        assert status == 200 and set(one["scores"]) == set(TEST_LABELS)
+    assert api.metric("esp_api_errors_total", reason="read_timeout") == 1, "only the stalled body timed out"
     assert "Traceback" not in api.log_path.read_text()  # type: ignore[union-attr]
 
 
