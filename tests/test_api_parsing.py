@@ -307,6 +307,24 @@ def test_analyze_errors_use_perspectives_error_types(body: object, error_type: s
     assert wire["error"]["details"][0]["errorType"] == error_type
 
 
+def test_a_value_in_an_error_message_is_named_by_its_type_or_cut_short() -> None:
+    # A list nested 1,000 deep is valid JSON orjson reads; its repr raises RecursionError (once a 500).
+    deep: list = []
+    for _ in range(999):
+        deep = [deep]
+    for body in (
+        {"comment": {"text": "hi", "type": deep}, "requestedAttributes": {"TOXICITY": {}}},
+        {"comment": {"text": "hi"}, "requestedAttributes": {"TOXICITY": {"scoreType": deep}}},
+        {"comment": {"text": "hi"}, "requestedAttributes": {"TOXICITY": {}}, "context": {"entries": [{"text": "a", "type": deep}]}},
+    ):
+        with pytest.raises(ApiError) as err:
+            _analyze(body)
+        assert err.value.status == 400 and err.value.message.endswith(": an array")
+    with pytest.raises(ApiError) as err:
+        _analyze({"comment": {"text": "hi", "type": "X" * 100_000}, "requestedAttributes": {"TOXICITY": {}}})
+    assert err.value.message == "Unknown text type at 'comment.type': '" + "X" * 40 + "'…"
+
+
 def test_unsupported_language_error_matches_the_documented_body() -> None:
     with pytest.raises(ApiError) as err:
         _analyze({"comment": {"text": "hola"}, "requestedAttributes": {"TOXICITY": {}}, "languages": ["xx"]})
