@@ -40,14 +40,14 @@ class ScoreRequest:
 def parse_score_request(obj: Any, settings: ApiSettings, comment_settings: CommentSettings) -> ScoreRequest:
     """Validates a decoded /v1/score body; raises ApiError (400 or 413) with the reason and, for many, the index."""
     if not isinstance(obj, dict):
-        raise ApiError(400, ErrorType.NOT_AN_OBJECT, f"the body must be a JSON object, got {_json_type(obj)}")
+        raise ApiError(400, ErrorType.NOT_AN_OBJECT, f"the body must be a JSON object, got {json_type(obj)}")
     if "comments" in obj:
         extra = sorted(set(obj) - {"comments"})
         if extra:
             raise ApiError(400, Reason.INVALID_REQUEST, f"unknown field(s) beside 'comments': {', '.join(map(repr, extra))}")
         items = obj["comments"]
         if not isinstance(items, list):
-            raise ApiError(400, Reason.INVALID_REQUEST, f"'comments' must be an array, got {_json_type(items)}")
+            raise ApiError(400, Reason.INVALID_REQUEST, f"'comments' must be an array, got {json_type(items)}")
         if not items:
             raise ApiError(400, Reason.INVALID_REQUEST, "'comments' is empty: send at least one comment")
         if len(items) > settings.api_max_comments:
@@ -65,7 +65,7 @@ def _comment(item: Any, index: int | None, prefix: str, settings: ApiSettings, c
     where = "" if index is None else f"comments[{index}]: "
     meta: dict[str, Any] = {} if index is None else {"index": index}
     if not isinstance(item, dict):
-        raise ApiError(400, ErrorType.NOT_AN_OBJECT, f"{where}a comment must be a JSON object, got {_json_type(item)}", metadata=meta)
+        raise ApiError(400, ErrorType.NOT_AN_OBJECT, f"{where}a comment must be a JSON object, got {json_type(item)}", metadata=meta)
     extra = sorted(set(item) - _COMMENT_FIELDS)
     if extra:
         raise ApiError(400, Reason.INVALID_REQUEST, f"{where}unknown field(s) {', '.join(map(repr, extra))}: a comment has 'id' and 'text'", metadata=meta)
@@ -105,7 +105,9 @@ def generated_prefix() -> str:
     return f"{_PROCESS_PREFIX}-{next(_REQUESTS)}"
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """What a decoded JSON value is, for error messages: never its repr, which a list nested a
+    thousand deep (valid JSON, within orjson's limit) makes raise RecursionError."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from api.errors import ApiError, Perspective, Reason, bad_request
-from api.native import utf8_size
+from api.native import json_type, utf8_size
 from api.spans import Span, sentence_spans, utf16_len
 from esp.contracts import Score, rfc3339, utc_now
 
@@ -108,6 +108,13 @@ def _string(value: Any, what: str) -> str | None:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A client's value in an error message: a string quoted and cut short, anything else by its JSON type."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("…" if len(value) > 40 else "")
+    return json_type(value)
+
+
 def _bool(value: Any, what: str) -> bool:
     if value is None:
         return False
@@ -122,7 +129,7 @@ def _text_entry(obj: Any, what: str) -> str | None:
     if kind not in _TEXT_TYPES:
         if kind == "HTML":
             raise bad_request(Reason.INVALID_REQUEST, "Currently, only 'PLAIN_TEXT' comments are supported")
-        raise bad_request(Reason.INVALID_REQUEST, f"Unknown text type at '{what}.type': {kind!r}")
+        raise bad_request(Reason.INVALID_REQUEST, f"Unknown text type at '{what}.type': {_shown(kind)}")
     return _string(entry.get("text"), f"{what}.text")
 
 
@@ -251,7 +258,7 @@ def parse_analyze(
         if score_type in _SCORE_TYPES_UNSUPPORTED:
             raise bad_request(Reason.INVALID_REQUEST, f"Requested score type {score_type} is not supported by attribute {name}")
         if score_type not in (None, PROBABILITY, "SCORE_TYPE_UNSPECIFIED"):
-            raise bad_request(Reason.INVALID_REQUEST, f"Invalid value at 'requestedAttributes.{name}.scoreType': {score_type!r}")
+            raise bad_request(Reason.INVALID_REQUEST, f"Invalid value at 'requestedAttributes.{name}.scoreType': {_shown(score_type)}")
         threshold = p.get("scoreThreshold")
         if threshold is not None:
             threshold = _probability(threshold, f"requestedAttributes.{name}.scoreThreshold")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import http.client
 import json
 import os
 import signal
@@ -27,12 +28,13 @@ from hypothesis import strategies as st
 from api.keys import hash_key, new_key
 from api.local import ApiProcess
 from api.openapi import build_openapi
+from esp.contracts import loads_json
 from esp.localstack import free_port, wait_until
 from esp.settings import BatchingSettings
 from esp.settings.api import ApiSettings
 from tests.fixtures import perspective_docs as docs
 from tests.fixtures.api import fast_batching
-from tests.fixtures.models import TEST_LABELS, export_test_model
+from tests.fixtures.models import TEST_LABELS, TEST_THRESHOLDS, export_test_model
 from tests.fixtures.worker import jigsaw_comments
 
 EXAMPLES = int(os.environ.get("ESP_HYPOTHESIS_EXAMPLES", "40"))
@@ -75,6 +77,11 @@ def _error(body: dict, status: int, reason: str | None = None, error_type: str |
 # Scores
 
 
+def _flags(scores: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """The labels whose score reached the model's threshold, in the record's label order."""
+    return [label for label, p in scores.items() if p >= thresholds[label]]
+
+
 def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_base: Path) -> None:
     from serving.saved_model import SavedModelScorer
 
@@ -84,6 +91,8 @@ def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_ba
         expected = scorer.predict(texts)
     finally:
         scorer.close()
+    # The thresholds are the model's own (its esp_threshold_<label> outputs), not a constant of the API.
+    assert expected.thresholds == pytest.approx(TEST_THRESHOLDS)
     status, _, many = shared_api.post_json("/v1/score", {"comments": [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)]})
     assert status == 200 and many["errors"] == []
     _check(many, "ScoreList")
@@ -92,11 +101,15 @@ def test_scores_match_the_in_process_model(shared_api: ApiProcess, test_model_ba
         assert record["id"] == f"c{i}" and record["schema_version"] == "1" and record["model"] == {"name": "bert", "version": 1}
         for j, label in enumerate(expected.labels):
             assert abs(record["scores"][label] - expected.probabilities[i][j]) <= 1e-5, (i, label)
+        assert record["flags"] == _flags(record["scores"], expected.thresholds), (i, record)
+    # Both sides of every threshold are crossed: "x" is flagged under the test model, the rest are not.
+    assert [bool(r["flags"]) for r in many["scores"]] == [t == "x" for t in texts]
     # One comment alone: the same record shape, the same scores.
     status, headers, one = shared_api.post_json("/v1/score", {"text": texts[0]})
     assert status == 200 and one["id"].startswith("req-") and headers["content-type"] == "application/json"
     assert all(abs(one["scores"][label] - many["scores"][0]["scores"][label]) <= 1e-5 for label in TEST_LABELS)
     assert one["flags"] == [label for label in TEST_LABELS if label in one["flags"]]
+    assert one["flags"] == _flags(one["scores"], expected.thresholds)
     # Perspective's summary score is the same probability under its attribute name.
     status, _, analyzed = shared_api.post_json(
         "/v1alpha1/comments:analyze", {"comment": {"text": texts[0]}, "requestedAttributes": {"TOXICITY": {}, "IDENTITY_ATTACK": {}}}
@@ -192,9 +205,65 @@ def test_every_limit_and_error_path_has_its_status_and_reason(start_api, shared_
         _error(payload, 400, error_type=error_type)
     got, _, payload = api.post_json("/v1alpha1/comments:analyze", big)
     assert got == 413 and _error(payload, 413, error_type="COMMENT_TOO_LONG")
-    # A body that declares nothing and never ends: the server reads what it may, then answers 413.
+    # After every refusal above the server still scores (bodies that never end or stall: the test below).
     got, _, payload = api.post_json("/v1/score", {"text": "fine"})
     assert got == 200
+    assert "Traceback" not in api.log_path.read_text()  # type: ignore[union-attr]
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """One HTTP answer read from a raw socket: (status, headers with lower-case names, JSON body)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+
+
+def test_a_body_past_its_size_or_its_time_is_cut_off_and_a_client_that_leaves_costs_nothing(start_api) -> None:
+    """Over raw sockets, the bodies an HTTP library will not send: chunked with no end (no
+    Content-Length to refuse up front), short of its Content-Length and stalled, and abandoned
+    halfway by a client that closes. 413 and 408 come with their reasons and close the connection;
+    a client that leaves is noticed at once, and the server answers the next request as usual."""
+    api = start_api(ApiSettings(api_max_body_bytes=4096, api_max_text_bytes=200, api_read_timeout_s=1.0))
+    head = b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"3e8\r\n" + b" " * 1000 + b"\r\n"  # 1,000 bytes of body
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        # 5,000 bytes past a 4,096-byte limit, and never the last chunk: only the limit on what
+        # was read so far can answer this. One write, so nothing unread is left to reset the answer.
+        sock.sendall(chunked + chunk * 5)
+        status, headers, body = _answer(sock)
+        assert status == 413 and headers["connection"] == "close", (status, headers)
+        error = _error(body, 413, reason="body_too_large")
+        assert error["details"][0]["metadata"] == {"limit": "4096"} and "the limit is 4096" in error["message"]
+        assert sock.recv(1) == b"", "the server closed the connection instead of reading on"
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"text": "')  # 10 of the 100 bytes, then nothing
+        started = time.monotonic()
+        status, headers, body = _answer(sock)
+        waited = time.monotonic() - started
+        assert status == 408 and headers["connection"] == "close", (status, headers)
+        assert "within 1 s" in _error(body, 408, reason="read_timeout")["message"]
+        assert 1.0 - 0.25 <= waited < 1.0 + 2.0, f"answered 408 after {waited:.2f} s, the read timeout is 1 s"
+        assert sock.recv(1) == b""
+
+    openings = [
+        head + b"Content-Length: 100\r\n\r\n",  # the head, and none of the body
+        head + b"Content-Length: 100\r\n\r\n" + b'{"text": "' + b"h" * 40,  # half the body
+        chunked + chunk,  # one chunk of a chunked body
+    ]
+    for opening in openings:
+        left = api.metric("esp_api_errors_total", reason="invalid_request")
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(opening)
+        # Noticed as the client leaving, well before a read timeout would end the wait (read_timeout).
+        wait_until(lambda: api.metric("esp_api_errors_total", reason="invalid_request") == left + 1,
+                   timeout_s=10, what="the API to notice the client went away")
+        assert api.request("GET", "/healthz")[0] == 200
+        status, _, one = api.post_json("/v1/score", {"text": "fine, right after"})
+        assert status == 200 and set(one["scores"]) == set(TEST_LABELS)
+    assert api.metric("esp_api_errors_total", reason="read_timeout") == 1, "only the stalled body timed out"
     assert "Traceback" not in api.log_path.read_text()  # type: ignore[union-attr]
 
 
@@ -238,13 +307,78 @@ def test_an_endless_or_trickling_request_head_is_cut_off(start_api) -> None:
     assert api.request("GET", "/healthz")[0] == 200
 
 
+SCORING_PATHS = ["/v1/score", "/v1alpha1/comments:analyze", "/v1alpha1/comments:suggestscore"]
+
+
+def _reason(body: dict, status: int) -> str:
+    """The error's reason: ESP's on /v1/score and for errors Perspective has no type for, else Perspective's errorType."""
+    detail = _error(body, status)["details"][0]
+    reason = detail.get("errorType") or detail.get("reason")
+    assert reason, body
+    return reason
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.binary(max_size=300) | st.text(max_size=200).map(str.encode), path=st.sampled_from(["/v1/score", "/v1alpha1/comments:analyze", "/v1alpha1/comments:suggestscore"]))
+@given(body=st.binary(max_size=300) | st.text(max_size=200).map(str.encode), path=st.sampled_from(SCORING_PATHS))
 def test_hostile_bodies_never_get_a_500(shared_api: ApiProcess, body: bytes, path: str) -> None:
     status, _, payload = shared_api.request("POST", path, body)
     assert status < 500 or status == 503, (status, payload[:300])
     if status != 200:
         _error(json.loads(payload), status)
+    try:
+        loads_json(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # not JSON to the API's reader: the client's fault, never an outage
+        assert 400 <= status < 500 and _reason(json.loads(payload), status), (status, payload[:300])
+
+
+# Valid JSON nested 1,000 deep: refused when read (Python's recursion limit) or, by a reader that
+# takes it, by the field's own check; never a crash (a repr of it once answered 500).
+DEEP = "[" * 1000 + "]" * 1000
+
+
+def test_hostile_json_is_refused_with_a_reason(shared_api: ApiProcess) -> None:
+    unreadable = {
+        "nested past 1,024 levels": b'{"text": ' + b"[" * 1100 + b"]" * 1100 + b"}",
+        "a 5,000-digit id": b'{"id": ' + b"9" * 5000 + b', "text": "t"}',
+        "NaN": b'{"text": NaN}',
+        "Infinity": b'{"id": Infinity, "text": "t"}',
+        "-Infinity": b'{"text": "t", "n": -Infinity}',
+    }
+    for path in SCORING_PATHS:
+        for name, body in unreadable.items():
+            status, _, payload = shared_api.request("POST", path, body)
+            assert status == 400, (path, name, status, payload[:300])
+            assert _reason(json.loads(payload), 400) == ("invalid_json" if path == "/v1/score" else "INVALID_REQUEST"), (path, name)
+    # Deep values where each endpoint reads a field: refused by that field's check, not by a crash.
+    deep_fields = [
+        ("/v1/score", '{"text": @}'), ("/v1/score", '{"id": @, "text": "t"}'), ("/v1/score", '{"comments": [@]}'),
+        ("/v1/score", '{"comments": [{"text": @}]}'), ("/v1/score", "@"),
+        *(("/v1alpha1/comments:analyze", '{"comment": {"text": "t"}, "requestedAttributes": {"TOXICITY": {}}, ' + f + "}") for f in (
+            '"languages": @', '"languages": [@]', '"clientToken": @', '"spanAnnotations": @', '"context": @',
+            '"context": {"entries": [@]}', '"context": {"entries": [{"text": "t", "type": @}]}')),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": @}, "requestedAttributes": {"TOXICITY": {}}}'),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": "t", "type": @}, "requestedAttributes": {"TOXICITY": {}}}'),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": "t"}, "requestedAttributes": @}'),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": "t"}, "requestedAttributes": {"TOXICITY": @}}'),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": "t"}, "requestedAttributes": {"TOXICITY": {"scoreType": @}}}'),
+        ("/v1alpha1/comments:analyze", '{"comment": {"text": "t"}, "requestedAttributes": {"TOXICITY": {"scoreThreshold": @}}}'),
+        ("/v1alpha1/comments:suggestscore", '{"comment": {"text": "t", "type": @}, "attributeScores": {"TOXICITY": {"summaryScore": {"value": 1}}}}'),
+        ("/v1alpha1/comments:suggestscore", '{"comment": {"text": "t"}, "attributeScores": {"TOXICITY": {"summaryScore": {"value": @}}}}'),
+        ("/v1alpha1/comments:suggestscore", '{"comment": {"text": "t"}, "attributeScores": {"TOXICITY": {"summaryScore": {"value": 1, "type": @}}}}'),
+        ("/v1alpha1/comments:suggestscore", '{"comment": {"text": "t"}, "attributeScores": {"TOXICITY": {"spanScores": [{"begin": @, "end": 1}]}}}'),
+    ]
+    for path, template in deep_fields:
+        status, _, payload = shared_api.request("POST", path, template.replace("@", DEEP).encode())
+        assert status == 400, (path, template, status, payload[:300])
+        _reason(json.loads(payload), 400)
+
+    # A repeated key and a byte order mark: refused like on the stream (esp.contracts.loads_json).
+    for path in SCORING_PATHS:
+        for body in (b'{"id": "d", "text": "a", "text": "b"}', b'\xef\xbb\xbf{"text": "a"}'):
+            status, _, payload = shared_api.request("POST", path, body)
+            assert status == 400, (path, status, payload[:300])
+            assert _reason(json.loads(payload), 400) == ("invalid_json" if path == "/v1/score" else "INVALID_REQUEST"), path
+    assert shared_api.post_json("/v1/score", {"text": "still fine"})[0] == 200
 
 
 def test_model_refusing_one_comment_answers_422_and_its_neighbours_are_scored(start_api, start_model_server, tmp_path: Path) -> None:

@@ -22,6 +22,15 @@ def _bars(browser) -> dict[str, float]:
     return {li.get_attribute("data-label"): float(li.find_element(By.CSS_SELECTOR, ".value").text) for li in browser.find_elements(By.CSS_SELECTOR, "#bars li")}
 
 
+def _flagged_bars(browser) -> set[str]:
+    return {li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "#bars li.flagged")}
+
+
+def _flags_line(flags: list[str]) -> str:
+    """What the page says for a record's flags (app.js)."""
+    return "Flagged: " + ", ".join(f.replace("_", " ") for f in flags) if flags else "Not flagged for any label."
+
+
 def test_page_scores_a_typed_comment_by_keyboard(shared_api: ApiProcess, browser) -> None:
     browser.get(shared_api.base_url + "/")
     assert browser.title == "ESP: score a comment"
@@ -41,6 +50,18 @@ def test_page_scores_a_typed_comment_by_keyboard(shared_api: ApiProcess, browser
     assert "Model bert v1" in meta and "ms round trip" in meta
     flags = browser.find_element(By.ID, "flags").text
     assert flags.startswith("Flagged: ") or flags == "Not flagged for any label."
+    answer = shared_api.post_json("/v1/score", {"text": text})[2]
+    assert not answer["flags"], "the test model flags nothing in this text"
+    assert (flags, _flagged_bars(browser)) == (_flags_line(answer["flags"]), set(answer["flags"]))
+    # A text the test model flags: the page shows the API's flags for it, in its words and on its bars.
+    answer = shared_api.post_json("/v1/score", {"text": "x"})[2]
+    assert answer["flags"], "the test model flags this text"
+    comment.clear()
+    comment.send_keys("x", Keys.CONTROL, Keys.ENTER)
+    WebDriverWait(browser, 20).until(ec.text_to_be_present_in_element((By.ID, "flags"), "Flagged: "))
+    assert browser.find_element(By.ID, "status").text == "Scored."
+    assert browser.find_element(By.ID, "flags").text == _flags_line(answer["flags"])
+    assert _flagged_bars(browser) == set(answer["flags"])
     # Every request the page made went to this server.
     for entry in browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"):
         assert entry.startswith(shared_api.base_url), entry

@@ -1,24 +1,28 @@
 """The API's request parsing and answer building, without a server: /v1/score, Perspective, spans, errors.
 
-Property-based where the input comes from outside: any JSON value either parses or raises ApiError
-with a 4xx status, never anything else. Examples are bounded for the suite; run longer with
+Property-based where the input comes from outside: any JSON value, and requests built from the real
+field names with hostile values inside, either parse or raise ApiError with a 4xx status, never
+anything else. What parses is what was sent, within every limit; each property counts its outcomes
+and fails when parsing is barely reached. Examples are bounded for the suite; run longer with
 `ESP_HYPOTHESIS_EXAMPLES=5000 .venv/bin/pytest tests/test_api_parsing.py`.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import os
+from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from api import perspective as pv
 from api.errors import ApiError
 from api.native import parse_score_request
 from api.spans import sentence_spans, utf16_len
-from esp.contracts import Score
+from esp.contracts import MAX_ID_CHARS, Score
 from esp.settings.api import ApiSettings
 from esp.settings.contracts import CommentSettings
 from tests.fixtures import perspective_docs as docs
@@ -33,6 +37,101 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
     max_leaves=20,
 )
+ATTRIBUTES = pv.attribute_map(list(JIGSAW))
+
+
+def mostly(valid: st.SearchStrategy, hostile: st.SearchStrategy = json_values) -> st.SearchStrategy:
+    """`valid` nine times in ten, else `hostile`: a request of many fields still gets through often.
+    (Valid is the branch Hypothesis shrinks towards and favours in its simplest examples.)"""
+    return st.integers(0, 9).flatmap(lambda i: valid if i < 9 else hostile)
+
+
+# Text as a JSON string can carry it: any code point, lone surrogates (a \ud800 escape) included.
+any_text = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=40)
+# Sentences for spanAnnotations, padded with whitespace the parser must keep (the score is of the text sent).
+sentences = st.lists(st.text(st.characters(categories=["L", "N", "So"]), min_size=1, max_size=8), min_size=2, max_size=4).flatmap(
+    lambda words: st.sampled_from([". ", "! ", "?\n", "…  ", "\n\n"]).map(lambda end: " " + end.join(words) + " ")
+)
+texts = mostly(
+    sentences | st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=40),
+    any_text | st.sampled_from(["", " \n", "é" * 51, "a" * 101, "\ud800", "A. B. C. D."]) | json_values,
+)
+ids = mostly(st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True), any_text | st.sampled_from(["", "x" * 257, "a\nb", "\x85"]) | json_values)
+comment_objects = mostly(
+    st.fixed_dictionaries({"text": texts}, optional={"id": ids}),
+    st.fixed_dictionaries({}, optional={"id": ids, "text": texts, "lang": json_values}) | json_values,
+)
+many_comments = mostly(st.lists(comment_objects, min_size=1, max_size=5))
+score_requests = comment_objects | mostly(
+    st.fixed_dictionaries({"comments": many_comments}), st.fixed_dictionaries({"comments": many_comments, "id": ids})
+)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+@st.composite
+def analyze_requests(draw: st.DrawFn) -> tuple[dict, dict]:
+    """(the request as sent, the same with lowerCamelCase names): each field name in either spelling, as Google's parser takes them."""
+    types = mostly(st.sampled_from(["PLAIN_TEXT", "TEXT_TYPE_UNSPECIFIED"]), st.sampled_from(["HTML", "MD"]) | json_values)
+    entries = mostly(st.fixed_dictionaries({"text": texts}, optional={"type": types}))
+    params = mostly(
+        st.fixed_dictionaries({}, optional={
+            "scoreType": mostly(st.sampled_from(["PROBABILITY", "SCORE_TYPE_UNSPECIFIED"]), st.sampled_from(["PERCENTILE", "RAW", "x"]) | json_values),
+            "scoreThreshold": mostly(st.floats(0, 1), st.floats() | json_values),
+        }) | st.none()
+    )
+    names = mostly(st.sampled_from(sorted(ATTRIBUTES)), st.sampled_from(["FLIRTATION", "toxicity", ""]) | any_text)
+    canonical = draw(st.fixed_dictionaries(
+        {
+            "comment": entries,
+            "requestedAttributes": mostly(st.dictionaries(names, params, min_size=1, max_size=4)),
+            # Always there, or spans would be asked for in too few requests (an absent one is false, as null is).
+            "spanAnnotations": mostly(st.sampled_from([True, False, None])),
+        },
+        optional={
+            "languages": mostly(st.lists(mostly(st.sampled_from(["en", "en-GB", "EN_us", "de"]), st.sampled_from(["", " "]) | any_text), max_size=2)),
+            "clientToken": mostly(any_text),
+            "sessionId": mostly(any_text),
+            "doNotStore": mostly(st.booleans()),
+            "dropUnsupportedAttributes": mostly(st.booleans()),
+            "context": mostly(st.fixed_dictionaries({}, optional={
+                "entries": mostly(st.lists(entries, max_size=2)),
+                "articleAndParentComment": mostly(st.fixed_dictionaries({}, optional={"article": entries, "parentComment": entries})),
+            })),
+        },
+    ))
+    if draw(st.integers(0, 19)) == 19:
+        canonical["colour"] = draw(json_values)  # a field Perspective does not have
+    wire = {}
+    for name, value in canonical.items():
+        if name == "requestedAttributes" and isinstance(value, dict):
+            value = {a: {(_snake(k) if draw(st.booleans()) else k): v for k, v in p.items()} if isinstance(p, dict) else p for a, p in value.items()}
+        wire[_snake(name) if draw(st.booleans()) else name] = value
+    return wire, canonical
+
+
+def _outcomes(strategy: st.SearchStrategy, check: Callable[..., str]) -> collections.Counter[str]:
+    """Runs `check` on `EXAMPLES` draws of `strategy`, as a @given test would; returns how often it
+    answered each outcome ("refused", "parsed" or "parsed ..."), so a test can show it reached them."""
+    seen: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(strategy)
+    def run(drawn: object) -> None:
+        outcome = check(drawn)
+        event(outcome)
+        seen[outcome] += 1
+
+    run()
+    return seen
+
+
+def _reached_both(seen: collections.Counter[str]) -> None:
+    total = seen.total()
+    parsed = sum(n for outcome, n in seen.items() if outcome.startswith("parsed"))
+    assert parsed >= total // 10 and seen["refused"] >= total // 10, f"one branch is barely reached: {dict(seen)}"
 
 
 def _score(probabilities: dict[str, float]) -> Score:
@@ -94,16 +193,33 @@ def test_error_in_a_list_names_its_index() -> None:
     assert err.value.message.startswith("comments[1]: ")
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(json_values)
-def test_any_json_parses_or_is_refused_with_a_4xx(value: object) -> None:
+def _score_outcome(value: object) -> str:
     try:
         request = parse_score_request(value, SETTINGS, COMMENTS)
     except ApiError as exc:
         assert 400 <= exc.status < 500 and exc.reason and exc.message
-        return
+        return "refused"
     assert 1 <= len(request.comments) <= SETTINGS.api_max_comments
     assert all(c.text.strip() and c.id for c in request.comments)
+    # What parsed is what was sent, within every limit of the contract and the API.
+    assert isinstance(value, dict) and request.many == ("comments" in value)
+    items = value["comments"] if request.many else [value]
+    assert len(request.comments) == len(items)
+    for i, (item, comment) in enumerate(zip(items, request.comments)):
+        assert comment.text == item["text"]
+        if "id" in item:
+            assert comment.id == item["id"]
+        else:
+            assert comment.id.startswith("req-") and comment.id.endswith(f"-{i}")
+        assert len(comment.text.encode("utf-8")) <= SETTINGS.api_max_text_bytes
+        comment.id.encode("utf-8")  # no lone surrogate
+        assert len(comment.id) <= MAX_ID_CHARS
+        assert not any(c < " " or "\x7f" <= c <= "\x9f" for c in comment.id), "a control character in an id"
+    return "parsed"
+
+
+def test_any_json_parses_or_is_refused_with_a_4xx() -> None:
+    _reached_both(_outcomes(json_values | score_requests, _score_outcome))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +307,24 @@ def test_analyze_errors_use_perspectives_error_types(body: object, error_type: s
     assert wire["error"]["details"][0]["errorType"] == error_type
 
 
+def test_a_value_in_an_error_message_is_named_by_its_type_or_cut_short() -> None:
+    # A list nested 1,000 deep is valid JSON orjson reads; its repr raises RecursionError (once a 500).
+    deep: list = []
+    for _ in range(999):
+        deep = [deep]
+    for body in (
+        {"comment": {"text": "hi", "type": deep}, "requestedAttributes": {"TOXICITY": {}}},
+        {"comment": {"text": "hi"}, "requestedAttributes": {"TOXICITY": {"scoreType": deep}}},
+        {"comment": {"text": "hi"}, "requestedAttributes": {"TOXICITY": {}}, "context": {"entries": [{"text": "a", "type": deep}]}},
+    ):
+        with pytest.raises(ApiError) as err:
+            _analyze(body)
+        assert err.value.status == 400 and err.value.message.endswith(": an array")
+    with pytest.raises(ApiError) as err:
+        _analyze({"comment": {"text": "hi", "type": "X" * 100_000}, "requestedAttributes": {"TOXICITY": {}}})
+    assert err.value.message == "Unknown text type at 'comment.type': '" + "X" * 40 + "'…"
+
+
 def test_unsupported_language_error_matches_the_documented_body() -> None:
     with pytest.raises(ApiError) as err:
         _analyze({"comment": {"text": "hola"}, "requestedAttributes": {"TOXICITY": {}}, "languages": ["xx"]})
@@ -210,13 +344,56 @@ def test_languages_default_to_english_and_regional_codes_count() -> None:
     assert dropped.attributes == () and pv.render_analyze(dropped, None, [])["attributeScores"] == {}
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(json_values)
-def test_any_json_analyze_parses_or_is_refused_with_a_400(value: object) -> None:
+def _analyze_outcome(drawn: tuple[object, dict | None, dict[str, float]]) -> str:
+    value, canonical, probabilities = drawn
     try:
-        _analyze(value)
+        request = _analyze(value)
     except ApiError as exc:
         assert exc.status == 400 and exc.perspective_type in docs.ERROR_TYPES
+        return "refused"
+    # json_values' keys have at most 12 characters, so never requestedAttributes: only built requests parse.
+    assert canonical is not None, value
+    text = canonical["comment"]["text"]
+    assert request.text == text and text.strip() and len(text.encode("utf-8")) <= 100
+    # Every requested attribute is one the model scores, under its threshold as asked; all or none dropped.
+    requested = canonical["requestedAttributes"]
+    dropped = request.attributes == () and canonical.get("dropUnsupportedAttributes") is True
+    assert dropped or [a.name for a in request.attributes] == list(requested)
+    for attr in request.attributes:
+        assert attr.label == ATTRIBUTES[attr.name]
+        threshold = (requested[attr.name] or {}).get("scoreThreshold")
+        assert attr.threshold == (None if threshold is None else float(threshold)) and 0.0 <= (attr.threshold or 0.0) <= 1.0
+    languages = canonical.get("languages") or []
+    assert request.languages == (tuple(languages) if languages else ("en",))
+    assert request.client_token == canonical.get("clientToken")
+    # Spans: asked for and something to score, then each sentence, in order, inside the text.
+    if canonical.get("spanAnnotations") is True and request.attributes:
+        assert 1 <= len(request.spans) <= 3 and request.spans == tuple(sentence_spans(text))
+    else:
+        assert request.spans == ()
+    last = 0
+    for span in request.spans:
+        assert last <= span.start < span.stop <= len(text) and 0 <= span.begin < span.end <= utf16_len(text)
+        last = span.stop
+    # The answer: an attribute shows exactly when it reached its threshold, its spans where the request's are.
+    answer = pv.render_analyze(request, _score(probabilities), [_score(probabilities)] * len(request.span_texts()))
+    assert set(answer["attributeScores"]) <= {a.name for a in request.attributes}
+    for attr in request.attributes:
+        probability = round(probabilities[attr.label], 6)
+        shown = answer["attributeScores"].get(attr.name)
+        assert (shown is not None) == (attr.threshold is None or probability >= attr.threshold), (attr, probability)
+        if shown is not None:
+            assert shown["summaryScore"]["value"] == probability
+            assert [(s["begin"], s["end"]) for s in shown.get("spanScores", [])] == [(s.begin, s.end) for s in request.spans]
+    return "parsed with sentences" if len(request.spans) > 1 else "parsed"
+
+
+def test_any_json_analyze_parses_or_is_refused_with_a_400() -> None:
+    requests = json_values.map(lambda v: (v, None)) | analyze_requests()
+    probabilities = st.fixed_dictionaries({label: st.floats(0, 1) for label in JIGSAW})
+    seen = _outcomes(st.tuples(requests, probabilities).map(lambda d: (*d[0], d[1])), _analyze_outcome)
+    _reached_both(seen)
+    assert seen["parsed with sentences"] >= seen.total() // 20, f"spans are barely reached: {dict(seen)}"
 
 
 # ---------------------------------------------------------------------------------------------

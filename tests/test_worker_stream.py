@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from esp.contracts import DeadLetter, ErrorType, Stage
-from esp.localstack import wait_until
+from esp.localstack import PubSubEmulator, wait_until
 from esp.scoring import CANARY_TEXTS
+from tests.fixtures.pubsub import unique_settings
 from tests.fixtures.worker import (
     LABELS,
     Outage,
@@ -294,3 +295,29 @@ def test_an_idle_worker_notices_the_model_server_going_away(stream: Stream, star
     stream.publish_comments([("idle-1", "scored after the outage")])
     stream.collect(scores=1)
     assert stream.score_ids() == {"idle-1"}
+
+
+def test_a_stream_whose_reader_died_fails_instead_of_reading_empty(emulator: PubSubEmulator) -> None:
+    # Every assertion above that nothing was dead-lettered trusts this reader to have looked.
+    from google.api_core import exceptions as gexc
+
+    from esp.pubsub import subscriber_client
+
+    watched = Stream(unique_settings(emulator))
+    admin = subscriber_client(watched.settings)
+    try:
+        admin.delete_subscription(
+            request={"subscription": watched.settings.subscription_path(watched.settings.dead_letter_subscription)}
+        )
+    finally:
+        admin.close()
+    t0 = time.monotonic()
+    with pytest.raises(gexc.NotFound, match="dead-letter"):
+        watched.quiet(30.0)
+    assert time.monotonic() - t0 < 15.0, "quiet() stops waiting when a reader dies"
+    with pytest.raises(gexc.NotFound):
+        assert watched.dead_letters == []
+    with pytest.raises(gexc.NotFound):
+        watched.collect(scores=1, timeout_s=30.0)
+    with pytest.raises(gexc.NotFound):
+        watched.close()
