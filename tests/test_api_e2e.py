@@ -30,7 +30,6 @@ from api.local import ApiProcess
 from api.openapi import build_openapi
 from esp.contracts import loads_json
 from esp.localstack import free_port, wait_until
-from esp.settings import BatchingSettings
 from esp.settings.api import ApiSettings
 from tests.fixtures import perspective_docs as docs
 from tests.fixtures.api import fast_batching
