@@ -106,8 +106,8 @@ def generated_prefix() -> str:
 
 
 def json_type(value: Any) -> str:
-    """What a decoded JSON value is, for error messages: never its repr, which a list nested a
-    thousand deep (valid JSON, within orjson's limit) makes raise RecursionError."""
+    """What a decoded JSON value is, for error messages: never its repr, which a deeply nested list
+    (valid JSON) can make raise RecursionError, and which echoes any length."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
