@@ -73,7 +73,7 @@ HOSTILE = [
     (b'{"id": "h4", "text": "bad \\ud800 surrogate"}', ErrorType.UNENCODABLE_TEXT),
     (b'{"id": "h5\\udfff", "text": "bad id"}', ErrorType.UNENCODABLE_TEXT),
     (b'{"id": "h6\\nforged log line", "text": "newline in id"}', ErrorType.INVALID_ID),
-    (b'{"id": "h7", "text": NaN}', ErrorType.NON_STRING_TEXT),
+    (b'{"id": "h7", "text": NaN}', ErrorType.INVALID_JSON),  # NaN is not JSON (esp.contracts.loads_json)
     (b"\x00\x01\x02\xff", ErrorType.INVALID_UTF8),
     (b"", ErrorType.INVALID_JSON),
 ]
