@@ -116,8 +116,8 @@ def from_tensor_proto(key: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
 
     TensorFlow fills a tensor whose *_val list is shorter than its shape with copies of the last
     value. From a client that is an amplifier: twenty bytes declaring 2**32 strings make
-    tf.make_ndarray build a list of 2**32 items and exhaust the server's memory. No ESP client (nor
-    TF Serving's own examples) relies on the fill, so a request must carry what it declares. A
+    tf.make_ndarray build a list of 2**32 items and exhaust the server's memory. No ESP client relies
+    on the fill, so a request must carry what it declares. A
     tensor_content buffer is checked by make_ndarray itself (its length must match the shape).
     """
     if not proto.tensor_content:

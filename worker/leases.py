@@ -53,7 +53,7 @@ class Ledger:
         self._bytes = 0
         self._mean_size = 0.0  # of the messages held so far, weighted to recent pulls; 0 before any
         # The most ever held at once, by count and by bytes: the flow-control bound's own record
-        # (tests and the benchmark read it; a sampler would miss a brief overshoot).
+        # (the flow-control tests read it; a sampler would miss a brief overshoot).
         self.peak_count = 0
         self.peak_bytes = 0
         self._lock = threading.Lock()
