@@ -7,10 +7,10 @@
       -> the same score records the stream publishes
       -> files, and/or a BigQuery scores table (staging + MERGE), and/or the scores topic
 
-The model handler wraps ESP's `Scorer` (STYLE.md point 3): batching comes from Beam, sized by the
-same max batch size as the worker, and bucketed by text length (Beam's batch_length_fn) so a batch
-pads less; a batch the model rejects is split by `score_isolating`, exactly as in the
-worker, and the rejected comment goes to the dead letters. Every DoFn holds only picklable
+The model handler wraps ESP's `Scorer` (STYLE.md point 3): Beam hands it windows of comments, which
+it sorts by text length and cuts into batches of the worker's max batch size so a batch pads little;
+a batch the model rejects is split by `score_isolating`, exactly as in the worker, and the rejected
+comment goes to the dead letters. Every DoFn holds only picklable
 configuration and builds its clients in `setup`, so the job runs on the multi-process DirectRunner
 and on Dataflow alike (docs/backfill.md).
 """
@@ -38,6 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import bigquery as bq
 from beam_jobs.options import pipeline_options
+from esp.batcher import length_sorted_batches
 from esp.contracts import Comment, ErrorType, InvalidComment, Score, Stage, comment_from_fields, parse_comment, utc_now
 from esp.scoring import Canary, Rejected, Scored, Scorer, score_isolating
 from esp.settings import BackfillSettings, BigQuerySettings, ModelClientSettings, PubSubSettings
@@ -47,9 +48,11 @@ log = logging.getLogger(__name__)
 SCORES = "scores"
 DEAD_LETTERS = "dead_letters"
 NAMESPACE = bq.METRICS_NAMESPACE
-# Text-length buckets (characters) for Beam's length-aware batching: comments of one bucket share
-# a batch. The shipped comments: median about 200 characters, 95th percentile about 1,300.
-LENGTH_BUCKETS = [64, 128, 256, 512, 1024]
+# Comments Beam hands the model handler at once, to be sorted by length and cut into batches of
+# --max-batch-size. Beam's own length buckets (ModelHandler's batch_length_fn) are not used: Beam
+# 2.77 applies them only on its stateful, time-bounded batching path, so on a bounded pipeline every
+# batch mixed lengths and padded to its longest comment (docs/backfill.md, Benchmark).
+GROUPING_WINDOW = 1024
 # Comments per shuffled element: enough to make the shuffle's per-element cost vanish, few enough that
 # a file's comments still spread over every worker (docs/backfill.md, Benchmark).
 SHUFFLE_CHUNK = 256
@@ -281,10 +284,6 @@ def _row_body(cid: Any, text: Any) -> bytes:
 # Scoring
 
 
-def _text_length(comment: Comment) -> int:
-    return len(comment.text)
-
-
 def _configure_tensorflow_threads(threads: int) -> None:
     """Caps TensorFlow's thread pools in this worker process (before the model loads)."""
     if not threads:
@@ -321,16 +320,12 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
     """RunInference over ESP's Scorer; each result is a Score, or the Rejected reason for a comment."""
 
     def __init__(self, config: BackfillConfig) -> None:
-        # Fixed-size batches (a bundle's last one may be short). Beam's adaptive sizing starts at 1 and
+        # Fixed-size windows (a bundle's last one may be short). Beam's adaptive sizing starts at 1 and
         # aims at a 5% fixed-cost share, which this model reaches with small batches, yet a BERT scores
         # 3x faster per comment at 32 than at 1 (docs/DESIGN.md): measured here, adaptive batches ran
         # the backfill at about half the model's throughput (docs/backfill.md).
-        super().__init__(
-            min_batch_size=config.max_batch_size,
-            max_batch_size=config.max_batch_size,
-            batch_length_fn=_text_length,
-            batch_bucket_boundaries=LENGTH_BUCKETS,
-        )
+        window = max(GROUPING_WINDOW, config.max_batch_size)
+        super().__init__(min_batch_size=window, max_batch_size=window)
         self._config = config
         self._canary: Canary | None = None  # made per process, beside the model it checks
 
@@ -349,7 +344,12 @@ class ScorerModelHandler(ModelHandler[Comment, "Score | Rejected", Scorer]):
     ) -> Iterable[PredictionResult]:
         if self._canary is None or self._canary.scorer is not model:
             self._canary = Canary(model)
-        for comment, outcome in zip(batch, score_isolating(model, batch, canary=self._canary)):
+        outcomes: list[Scored | Rejected | None] = [None] * len(batch)
+        for indices in length_sorted_batches([len(c.text) for c in batch], self._config.max_batch_size):
+            scored = score_isolating(model, [batch[i] for i in indices], canary=self._canary)
+            for i, outcome in zip(indices, scored):
+                outcomes[i] = outcome
+        for comment, outcome in zip(batch, outcomes):
             yield PredictionResult(example=comment, inference=outcome.score if isinstance(outcome, Scored) else outcome)
 
     def get_metrics_namespace(self) -> str:

@@ -4,7 +4,8 @@ Texts are the shipped Jigsaw comments, repeated under new ids up to --comments (
 written as one JSONL file. Measured, one after the other on the same texts:
 
 1. raw: the SavedModel in --workers processes, one TensorFlow thread each, scoring the distinct texts
-   in batches of --batch-size grouped by length as Beam groups them (the model alone, no Beam);
+   in batches of --batch-size cut from all of them sorted by length (the model alone at its best, no
+   Beam; the backfill sorts windows of 1,024);
 2. the backfill: `beam_jobs.backfill.run` on the multi-process DirectRunner (--workers processes,
    TensorFlow intra/inter-op threads 1 per process, a Reshuffle after reading since one file is one
    split), the in-process backend, scores and dead letters to files. Two rates: the whole run,
@@ -42,8 +43,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from esp.batcher import length_sorted_batches  # noqa: E402
+
 DATA = REPO_ROOT / "data" / "jigsaw" / "jigsaw_trainsplit_union.csv.gz"
-BUCKETS = [64, 128, 256, 512, 1024]  # beam_jobs.backfill.LENGTH_BUCKETS
 
 
 def distinct_texts() -> list[str]:
@@ -64,15 +66,8 @@ def write_input(path: Path, texts: list[str], n: int) -> None:
 
 
 def length_batches(texts: list[str], batch_size: int) -> list[list[str]]:
-    """Batches of one length bucket each, as Beam's batch_length_fn + bucket boundaries form them."""
-    by_bucket: dict[int, list[str]] = {}
-    for text in texts:
-        bucket = next((i for i, b in enumerate(BUCKETS) if len(text) < b), len(BUCKETS))
-        by_bucket.setdefault(bucket, []).append(text)
-    batches = []
-    for group in by_bucket.values():
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    return batches
+    """The model at its best: every text sorted by length, then cut (the backfill sorts windows of 1,024)."""
+    return [[texts[i] for i in batch] for batch in length_sorted_batches([len(t) for t in texts], batch_size)]
 
 
 def _raw_worker(model: str, batches: list[list[str]], start: Any, out: Any) -> None:

@@ -1,4 +1,5 @@
 """The micro-batcher shared by the worker and the HTTP API: small and strict (STYLE.md point 7).
+The backfill, which holds its comments in full, cuts them with `length_sorted_batches` at the end.
 
 A batch is released when it is full, or when its oldest member has waited `max_latency_s`. With
 length grouping on, a batch is the `max_batch_size` waiting items closest in length to the oldest
@@ -13,7 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -109,3 +110,16 @@ class MicroBatcher(Generic[T]):
         self._waiting.clear()
         self._by_length.clear()
         return items
+
+
+def length_sorted_batches(lengths: Sequence[int], max_batch_size: int) -> list[list[int]]:
+    """Batches for a set known in full (the backfill's): indices sorted by length, cut every `max_batch_size`.
+
+    With no latency to bound, nothing needs the oldest-first rule above, and sorting pads least: on
+    the shipped comments, batches of 32 cut from windows of 1,024 sorted comments cost the default
+    model about 40% less CPU per comment than batches of 32 in arrival order (docs/backfill.md).
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]

@@ -4,13 +4,17 @@ Serving over real gRPC and in process; poison and model-rejected comments to dea
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from beam_jobs.backfill import BackfillConfig, run
+
+from beam_jobs.backfill import GROUPING_WINDOW, BackfillConfig, ScorerModelHandler, run
+from esp.contracts import Comment, Score
+from esp.scoring import CANARY_TEXTS
 from esp.settings import ModelClientSettings
 from serving.saved_model import SavedModelScorer
 from tests.fixtures.models import export_test_model
@@ -57,6 +61,37 @@ def test_backfill_through_tf_serving_matches_the_model(tmp_path: Path, model_ser
     ]
     assert {d["body"] for d in dead} == set(POISON)
     assert (summary.read, summary.scored, summary.dead_lettered) == (123, 120, 3)
+
+
+class _RecordingScorer:
+    """The real model, recording the texts of each call."""
+
+    def __init__(self, scorer: SavedModelScorer) -> None:
+        self.scorer, self.calls = scorer, []  # type: ignore[var-annotated]
+
+    def predict(self, texts):  # type: ignore[no-untyped-def]
+        self.calls.append(list(texts))
+        return self.scorer.predict(texts)
+
+
+def test_model_handler_scores_length_sorted_batches_and_answers_in_input_order(test_model_base: Path) -> None:
+    # Beam's own length buckets do nothing on a bounded pipeline; the handler must sort its window itself.
+    handler = ScorerModelHandler(BackfillConfig(input="unused", output="unused", backend="saved_model",
+                                                saved_model_dir=str(test_model_base), max_batch_size=8))
+    assert handler.batch_elements_kwargs() == {"min_batch_size": GROUPING_WINDOW, "max_batch_size": GROUPING_WINDOW}
+    rng = random.Random(7)
+    window = [Comment(id=f"c{i}", text="word " * rng.randint(1, 60)) for i in range(50)]
+    model = _RecordingScorer(SavedModelScorer(test_model_base))
+    results = list(handler.run_inference(window, model))
+
+    batches = [call for call in model.calls if call != list(CANARY_TEXTS)]
+    assert [len(b) for b in batches] == [8] * 6 + [2]
+    assert [t for b in batches for t in b] == sorted((c.text for c in window), key=len), "each call a run of the sorted window"
+    assert [r.example for r in results] == window
+    expected = model.scorer.predict([c.text for c in window]).probabilities
+    for result, row in zip(results, expected):
+        assert isinstance(result.inference, Score) and result.inference.id == result.example.id
+        assert list(result.inference.probabilities.values()) == pytest.approx(list(row), abs=1e-5)
 
 
 def test_backfill_in_process_isolates_a_rejected_comment(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from esp.batcher import MicroBatcher
+from esp.batcher import MicroBatcher, length_sorted_batches
 
 
 def fifo(size: int = 4, latency_s: float = 0.05) -> MicroBatcher[str]:
@@ -118,3 +120,18 @@ def test_remove_where_takes_out_exactly_the_matching_items_and_keeps_order(group
         released.extend(batch)
     assert sorted(released) == ["a", "bb", "ddd"]
     assert b.remove_where(lambda item: True) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=5_000), max_size=300), st.integers(min_value=1, max_value=40))
+def test_length_sorted_batches_cut_the_whole_set_shortest_first(lengths: list[int], size: int) -> None:
+    batches = length_sorted_batches(lengths, size)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(lengths))), "every index exactly once"
+    assert all(len(batch) == size for batch in batches[:-1]) and all(0 < len(batch) <= size for batch in batches)
+    assert [lengths[i] for i in flat] == sorted(lengths)
+
+
+def test_length_sorted_batches_refuse_an_empty_batch_size() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        length_sorted_batches([3, 1], 0)
