@@ -1,7 +1,8 @@
 """Benchmark the Beam backfill against the model's own in-process throughput, in one run.
 
 Texts are the shipped Jigsaw comments, repeated under new ids up to --comments (200,000 by default),
-written as one JSONL file. Measured, one after the other on the same texts:
+written as one JSONL file. Measured, one after the other on the same texts (the model alone both
+before and after the backfill; the faster run is the baseline):
 
 1. raw: the SavedModel in --workers processes, one TensorFlow thread each, scoring the distinct texts
    in batches of --batch-size cut from all of them sorted by length (the model alone at its best, no
@@ -174,7 +175,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s ({value / values[0] * 100:.0f}%)", ha="center", va="bottom")
     ax.axhline(0.7 * values[0], color="#d62728", lw=1, ls="--", label="70% of the model alone")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, max(values) * 1.15)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("comments per second")
     ax.set_title(f"Backfill vs the model alone ({result['backfill']['comments']:,} comments, {result['workers']} processes, "
                  f"multi-process DirectRunner, {result['cpus']} cores)", fontsize=9)
@@ -201,13 +203,18 @@ def main() -> None:
 
     texts = distinct_texts()
     print(f"{len(texts):,} distinct shipped comments; backfill of {args.comments:,} (repeated under new ids)", flush=True)
-    raw = raw_throughput(args.model, texts, args.batch_size, args.workers)
-    print(f"raw model, {args.workers} processes x 1 thread: {raw['comments_per_s']:,.0f} comments/s, "
-          f"{raw['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
+    runs = [raw_throughput(args.model, texts, args.batch_size, args.workers)]
+    print(f"raw model, {args.workers} processes x 1 thread: {runs[0]['comments_per_s']:,.0f} comments/s, "
+          f"{runs[0]['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
     with tempfile.TemporaryDirectory(prefix="esp-bench-backfill-") as tmp:
         input_path = Path(tmp) / "comments.jsonl"
         write_input(input_path, texts, args.comments)
         backfill = backfill_throughput(args.model, input_path, Path(tmp) / "out", args.batch_size, args.workers)
+    # The model alone again after the backfill: this machine's speed drifts between minutes, and the
+    # faster of the two runs is the baseline, so drift cannot flatter the backfill.
+    runs.append(raw_throughput(args.model, texts, args.batch_size, args.workers))
+    print(f"raw model again: {runs[1]['comments_per_s']:,.0f} comments/s, {runs[1]['cpu_s_per_1000']:.2f} CPU-s per 1,000", flush=True)
+    raw = dict(max(runs, key=lambda r: r["comments_per_s"]), runs=[round(r["comments_per_s"], 1) for r in runs])
     ratio = backfill["comments_per_s"] / raw["comments_per_s"]
     steady = backfill["steady_comments_per_s"]
     steady_ratio = steady / raw["comments_per_s"] if steady else None
