@@ -51,7 +51,10 @@ NAMESPACE = bq.METRICS_NAMESPACE
 # Comments Beam hands the model handler at once, to be sorted by length and cut into batches of
 # --max-batch-size. Beam's own length buckets (ModelHandler's batch_length_fn) are not used: Beam
 # 2.77 applies them only on its stateful, time-bounded batching path, so on a bounded pipeline every
-# batch mixed lengths and padded to its longest comment (docs/backfill.md, Benchmark).
+# batch mixed lengths and padded to its longest comment (docs/backfill.md, Benchmark). A window
+# holds at most 1,024 x --max-body-bytes (64 MiB at the default 64 KiB) per worker thread. An outage
+# that outlasts the model client's retries fails the bundle, as it did with batches of 32 (Dataflow
+# retries the bundle whole).
 GROUPING_WINDOW = 1024
 # Comments per shuffled element: enough to make the shuffle's per-element cost vanish, few enough that
 # a file's comments still spread over every worker (docs/backfill.md, Benchmark).

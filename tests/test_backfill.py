@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 from beam_jobs.backfill import GROUPING_WINDOW, BackfillConfig, ScorerModelHandler, run
 from esp.contracts import Comment, Score
 from esp.scoring import CANARY_TEXTS
