@@ -81,8 +81,14 @@ $(BQEMU_STAMP): $(BQEMU_REQS)
 demo: install
 	$(BIN)/esp demo
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), whole files to one process so that a
+# file's fixtures start once. Two on 2 cores: much of the suite waits on services and child
+# processes, so two workers took 15 minutes where one took 23. Each worker starts its own
+# emulators and model servers, so more workers need more memory: `make test PYTEST_WORKERS=4`.
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 $(DATA_DIR)/stats.json: data/jigsaw/jigsaw_trainsplit_union.csv.gz beam_jobs/prepare_data.py | install
 	$(BIN)/esp prepare-data --data-dir $(DATA_DIR) --runner=DirectRunner
