@@ -61,13 +61,14 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One submitted comment, with what its caller attached (`context`) and its future."""
+    """One submitted comment, with what its caller attached (`context`) and its future (None when
+    its outcome reaches the caller only through `on_batch`)."""
 
     comment: Comment
     context: Any
     deadline: float | None  # time.monotonic() seconds, or None: wait out any outage
     published_at: dt.datetime | None
-    future: concurrent.futures.Future
+    future: concurrent.futures.Future | None
 
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -182,19 +183,31 @@ class ScoringEngine:
         published_at: dt.datetime | None = None,
     ) -> concurrent.futures.Future:
         """Queues a valid comment; the future's result is its Outcome. Raises QueueFull when the queue is full."""
-        return self._enqueue([Job(comment, context, deadline, published_at, concurrent.futures.Future())])[0]
+        future = concurrent.futures.Future()
+        self._enqueue([Job(comment, context, deadline, published_at, future)])
+        return future
 
     def submit_all(
-        self, comments: Sequence[Comment], *, deadline: float | None = None, contexts: Sequence[Any] | None = None
+        self,
+        comments: Sequence[Comment],
+        *,
+        deadline: float | None = None,
+        contexts: Sequence[Any] | None = None,
+        futures: bool = True,
     ) -> list[concurrent.futures.Future]:
         """Queues all of `comments` or none of them (QueueFull): a caller that needs every score, an
-        HTTP request, would otherwise leave the ones queued before the refusal scored for nobody."""
-        return self._enqueue([
-            Job(comment, context, deadline, None, concurrent.futures.Future())
-            for comment, context in zip(comments, contexts or [None] * len(comments), strict=True)
-        ])
+        HTTP request, would otherwise leave the ones queued before the refusal scored for nobody.
 
-    def _enqueue(self, jobs: list[Job]) -> list[concurrent.futures.Future]:
+        `futures=False` (for a caller that takes its outcomes from `on_batch`, the HTTP API) makes
+        no future per comment, each a lock and a condition, and returns [].
+        """
+        jobs = [
+            Job(comment, context, deadline, None, concurrent.futures.Future() if futures else None)
+            for comment, context in zip(comments, contexts or [None] * len(comments), strict=True)
+        ]
+        return [job.future for job in self._enqueue(jobs) if job.future is not None]
+
+    def _enqueue(self, jobs: list[Job]) -> list[Job]:
         with self._cond:
             # Checked under the lock stop() drains under: a job is either queued before the drain
             # (and answered by it) or sees the flag, never left in a queue nobody reads again.
@@ -209,7 +222,7 @@ class ScoringEngine:
                 self._cond.notify()
         if stopping:
             self._deliver([(job, Unavailable("shutting down")) for job in jobs])
-        return [job.future for job in jobs]
+        return jobs
 
     @property
     def answered_labels(self) -> tuple[str, ...]:
@@ -462,7 +475,7 @@ class ScoringEngine:
         except BaseException as exc:  # a bug in ESP's own code: answer, then fail health
             log.exception("a scoring thread failed in ESP's own code")
             self._fail(f"scoring thread failed: {type(exc).__name__}: {exc}")
-            self._deliver([(job, Unavailable(f"internal error: {type(exc).__name__}")) for job in jobs if not job.future.done()])
+            self._deliver([(job, Unavailable(f"internal error: {type(exc).__name__}")) for job in jobs if job.future is None or not job.future.done()])
 
     def _score(self, jobs: list[Job]) -> None:
         batch_id = next(self._batch_ids)
@@ -526,7 +539,7 @@ class ScoringEngine:
                 self._on_batch(list(results))
         finally:
             for job, outcome in results:
-                if not job.future.done():
+                if job.future is not None and not job.future.done():
                     job.future.set_result(outcome)
 
     def _fail(self, reason: str) -> None:

@@ -273,6 +273,34 @@ def _rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def _write_calls(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no syscw for pid {pid}")
+
+
+def test_each_answer_leaves_in_one_write(start_api) -> None:
+    """uvicorn writes a response's head, then its body: two system calls, two TCP segments and two
+    wake-ups of the client per answer. The API sends both in one write. Counted by the kernel
+    (the process's write calls in /proc/PID/io) over keep-alive requests."""
+    api = start_api()
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    try:
+        answers = 200
+        for i in range(answers + 1):
+            if i == 1:  # the first request warmed the connection
+                before = _write_calls(api.pid)
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"ok\n")
+        writes = _write_calls(api.pid) - before
+    finally:
+        conn.close()
+    # A little headroom for the process's other writes (an idle probe of the model server).
+    assert writes < 1.25 * answers, f"{writes} write calls for {answers} answers"
+
+
 def test_an_endless_or_trickling_request_head_is_cut_off(start_api) -> None:
     """Before any key is checked, a client can send a header line that never ends (httptools sets
     no limit: the API would buffer all of it) or a head that never completes (holding the
