@@ -590,7 +590,7 @@ def test_replay_killed_half_way_then_rerun_loses_nothing(emulator: Any) -> None:
     letters = [worker_dead_letter(f"kill-{i:03d}", attributes={"i": str(i)}) for i in range(n_replay)]
     letters += [worker_dead_letter(f"park-{i:03d}", replay_count=2) for i in range(n_park)]
     publish_raw(s, s.dead_letter_topic, letters)
-    received, _ = start_replay_and_interrupt(s, signal.SIGKILL, after=25, args=["--max-replays", "2", "--rate", str(rate)])
+    received, _ = start_replay_and_interrupt(s, signal.SIGKILL, after=15, args=["--max-replays", "2", "--rate", str(rate)])
     first_run = len(received)
     # The killed run's leases lapse within dead_letter_lease_s: scan at least that long.
     rerun = run_cli("replay", s, "--max-replays", "2", "--min-scan-s", "11")
@@ -620,9 +620,10 @@ def test_replay_interrupted_with_ctrl_c_settles_what_it_sent(emulator: Any) -> N
     s = fresh(emulator)
     n = 40
     publish_raw(s, s.dead_letter_topic, [worker_dead_letter(f"int-{i:03d}") for i in range(n)])
-    # Paced at 4/s: the interrupt lands with seconds of work left even when the tap's deliveries lag
-    # on a loaded machine (at 10/s a replay once finished all 40 before the 10th reached the test).
-    received, output = start_replay_and_interrupt(s, signal.SIGINT, after=10, args=["--rate", "4"])
+    # Paced at 1/s and interrupted after 5: the signal lands with half a minute of work left even
+    # when the tap's deliveries lag on a loaded machine (paced at 10/s, then 4/s, a replay twice
+    # finished all 40 before the 10th reached the test while two test workers trained models).
+    received, output = start_replay_and_interrupt(s, signal.SIGINT, after=5, args=["--rate", "1"])
     assert output.startswith("exit 130:") and "INTERRUPTED" in output, output
     rerun = run_cli("replay", s)
     assert rerun.exit_code == 0, rerun.output
