@@ -303,7 +303,10 @@ def _settle_before_interrupt() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    handled = (signal.SIGINT, signal.SIGTERM)
+    # A signal the process was started with ignored (SIGINT in a background job of a shell
+    # without job control) stays ignored: catching it here alone would interrupt a replay only
+    # when the signal happened to land inside a block.
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in handled}
     try:
         yield
