@@ -28,6 +28,7 @@ class ApiProcess(ManagedProcess):
         start_timeout_s: float = 60.0,
         wait_for_ready: bool = True,
         wrapper: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         values = settings_env(*groups)
         port = int(values.get("ESP_API_PORT", "0") or 0) or free_port()
@@ -46,6 +47,7 @@ class ApiProcess(ManagedProcess):
             env=full_env,
             log_path=log_path,
             start_timeout_s=start_timeout_s,
+            cwd=cwd,
         )
 
     def command(self) -> list[str]:

@@ -76,6 +76,28 @@ def wrk(url: str, *, connections: int, duration_s: float, cores: str, bodies: Pa
     return result
 
 
+def start_api(
+    server_target: str, batching: BatchingSettings, *, cores: str, log_path: Path, source_tree: Path | None = None
+) -> ApiProcess:
+    """`esp api` pinned to `cores`, set up for measuring (queue and deadline out of the way, no
+    access log); from `source_tree` instead of this checkout when given (bench_api_cpu.py)."""
+    env = {"ESP_LOG_LEVEL": "WARNING"}
+    if source_tree is not None:
+        env["PYTHONPATH"] = str(source_tree)
+    api = ApiProcess(
+        ModelClientSettings(model_server=server_target, model_timeout_s=30.0),
+        batching,
+        ApiSettings(api_max_queued=4096, api_request_deadline_s=10.0, api_access_log=False),
+        env=env,
+        log_path=log_path,
+        wrapper=["taskset", "-c", cores],
+        start_timeout_s=120,
+        cwd=source_tree,  # `python -m` imports from its working directory first
+    )
+    api.start()
+    return api
+
+
 def measure_api(
     label: str, server_target: str, batching: BatchingSettings, args: argparse.Namespace, bodies: Path, log_dir: Path,
     *, target_rate: float | None = None,
@@ -85,16 +107,7 @@ def measure_api(
     With `target_rate` (requests/s), each connection pauses between requests; the pause is
     calibrated in a short run first (a connection's cycle is its pause plus the answer's latency).
     """
-    api = ApiProcess(
-        ModelClientSettings(model_server=server_target, model_timeout_s=30.0),
-        batching,
-        ApiSettings(api_max_queued=4096, api_request_deadline_s=10.0, api_access_log=False),
-        env={"ESP_LOG_LEVEL": "WARNING"},
-        log_path=log_dir / f"api-{label}.log",
-        wrapper=["taskset", "-c", args.api_cores],
-        start_timeout_s=120,
-    )
-    api.start()
+    api = start_api(server_target, batching, cores=args.api_cores, log_path=log_dir / f"api-{label}.log")
     try:
         url = api.base_url + "/v1/score"
         mean_gap_ms = 0.0

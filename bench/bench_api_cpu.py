@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -28,32 +27,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from bench_api import wrk  # noqa: E402
+from bench_api import start_api, wrk  # noqa: E402
 from bench_serving import load_texts  # noqa: E402
 from bench_worker import PinnedModelServer, choose_model, cpu_seconds  # noqa: E402
 
-from api.local import ApiProcess  # noqa: E402
-from esp.settings import BatchingSettings, ModelClientSettings  # noqa: E402
-from esp.settings.api import ApiSettings  # noqa: E402
+from esp.settings import BatchingSettings  # noqa: E402
 
 
 def measure(tree: Path, server_target: str, bodies: Path, args: argparse.Namespace, log_path: Path) -> dict:
-    """One round: the API started from `tree` (`python -m` imports from the working directory)."""
-    here = Path.cwd()
-    os.chdir(tree)
-    try:
-        api = ApiProcess(
-            ModelClientSettings(model_server=server_target, model_timeout_s=30.0),
-            BatchingSettings(max_batch_size=32, batches_in_flight=2, max_batch_latency_ms=20.0),
-            ApiSettings(api_max_queued=4096, api_request_deadline_s=10.0, api_access_log=False),
-            env={"ESP_LOG_LEVEL": "WARNING", "PYTHONPATH": str(tree)},
-            log_path=log_path,
-            wrapper=["taskset", "-c", "0"],
-            start_timeout_s=120,
-        )
-        api.start()
-    finally:
-        os.chdir(here)
+    """One round: the API started from the source tree `tree`."""
+    batching = BatchingSettings(max_batch_size=32, batches_in_flight=2, max_batch_latency_ms=20.0)
+    api = start_api(server_target, batching, cores="0", log_path=log_path, source_tree=tree)
     try:
         url = api.base_url + "/v1/score"
         wrk(url, connections=args.connections, duration_s=3, cores="0", bodies=bodies)  # warm-up
