@@ -281,5 +281,15 @@ class CoalescingTransport:
         self._buffer.clear()
         self._transport.abort()
 
+    # Called on every request: named here rather than found through __getattr__.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
