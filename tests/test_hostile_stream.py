@@ -1,0 +1,207 @@
+"""Hostile inputs and settings against the promise: nothing lost, poison set aside with its reason,
+no silent stop; bad arguments or start-up failures are one line and a non-zero exit, never a traceback.
+
+Each test here failed on the code it was written against, for the reason its docstring names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from esp.errors import ConfigError, EspError
+from esp.localstack import PubSubEmulator, wait_until
+from esp.publishing import read_rows
+from esp.pubsub import publisher_client
+from esp.pubsub_admin import init_resources
+from esp.settings import PubSubSettings
+from tests.fixtures.pubsub import unique_settings
+from tests.fixtures.worker import Stream, SumScorer, fast_worker_settings
+from worker.service import Worker
+
+INF = float("inf")
+
+
+def _esp(*args: str, env_extra: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "esp.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        pytest.fail(f"esp {' '.join(args)} still running after {timeout_s:g}s; stderr so far:\n{err[-3000:]}")
+
+
+def _env(settings: PubSubSettings, **extra: str) -> dict[str, str]:
+    return {
+        "PUBSUB_EMULATOR_HOST": settings.emulator_host or "",
+        "ESP_PROJECT": settings.project,
+        "ESP_COMMENTS_TOPIC": settings.comments_topic,
+        "ESP_SCORES_TOPIC": settings.scores_topic,
+        "ESP_SUBSCRIPTION": settings.subscription,
+        "ESP_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "ESP_DEAD_LETTER_SUBSCRIPTION": settings.dead_letter_subscription,
+        **extra,
+    }
+
+
+def _one_line_or_success(result: subprocess.CompletedProcess, what: str) -> None:
+    assert "Traceback" not in result.stderr, f"{what}: traceback instead of one line:\n{result.stderr[-3000:]}"
+    assert result.returncode in (0, 2), f"{what}: exit {result.returncode}:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture
+def ready(emulator: PubSubEmulator) -> PubSubSettings:
+    settings = unique_settings(emulator)
+    init_resources(settings)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# esp publish: a file row is hostile
+
+
+def test_a_csv_field_over_the_field_size_limit_does_not_turn_its_remains_into_comments() -> None:
+    """A quoted CSV field longer than csv's field size limit (131,072 characters) is rejected as
+    `invalid_csv`, but the reader then restarts mid-field: every later line of that one field
+    becomes a row of its own, and `esp publish` publishes them as comments with the ids and texts
+    the field's author chose. A rejected row must not come back as forged comments."""
+    big = "A" * 140_000
+    text = f'id,text\nok1,first\nbig,"{big}\nforged-1,you are wonderful\nforged-2,hello"\nok2,second\n'
+    rows = list(read_rows(io.StringIO(text, newline=""), "csv", id_column="id", text_column=None, max_body_bytes=65_536))
+    published = [r.comment.id for r in rows if r.comment is not None]
+    assert not {"forged-1", "forged-2"} & set(published), (
+        f"parts of the rejected row at line 3 would be published as comments: {published}; "
+        f"rejections: {[(r.line, r.error) for r in rows if r.error]}"
+    )
+
+
+@pytest.mark.parametrize("attribute", ["topic=x", "data=x", "self=x", "ordering_key=k", "timeout=5", "retry=x"])
+def test_publish_attribute_named_like_a_client_keyword_is_one_line_or_published(
+    ready: PubSubSettings, tmp_path: Path, attribute: str
+) -> None:
+    """`esp publish --attribute KEY=VALUE` passes the pair to the client's publish() as a keyword
+    argument, so KEY `topic`, `data`, `self` (TypeError), `ordering_key` (ValueError) end in a
+    traceback, and `timeout` or `retry` kill the client's commit thread: the command then waits
+    `--pubsub-timeout-s` + 60 s and blames Pub/Sub ('no answer ... within 65s'). Pub/Sub takes
+    these names as attributes (ESP's own dead letters carry them, see contracts.CLIENT_KEYWORDS):
+    either publish them or refuse them in one line, exit 2."""
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": "world"}\n', encoding="utf-8")
+    result = _esp(
+        "publish", str(path), "--no-progress", "--attribute", attribute,
+        env_extra=_env(ready, ESP_PUBSUB_TIMEOUT_S="5"), timeout_s=40,
+    )  # fmt: skip
+    _one_line_or_success(result, f"--attribute {attribute}")
+
+
+def test_publish_with_an_infinite_pubsub_timeout_is_one_line_or_works(ready: PubSubSettings, tmp_path: Path) -> None:
+    """ESP_PUBSUB_TIMEOUT_S=inf passes validation (`> 0`); `esp publish` then sends the rows and
+    crashes while waiting for the answers (OverflowError from a lock's timeout), so the summary of
+    what was published is lost behind a traceback."""
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": "world"}\n', encoding="utf-8")
+    result = _esp("publish", str(path), "--no-progress", env_extra=_env(ready, ESP_PUBSUB_TIMEOUT_S="inf"))
+    _one_line_or_success(result, "ESP_PUBSUB_TIMEOUT_S=inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# esp dead-letters replay: numeric options
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf", "1e-300"])
+def test_replay_rate_out_of_range_is_one_line(ready: PubSubSettings, rate: str) -> None:
+    """`--rate` is a FloatRange(min=0, min_open=True): it lets `nan` and `inf` through
+    (math.ceil(nan) -> ValueError, math.ceil(inf) -> OverflowError, both tracebacks), and a tiny
+    positive rate crashes after the first republish (time.sleep(1e300): OverflowError)."""
+    client = publisher_client(ready)
+    topic = ready.topic_path(ready.dead_letter_topic)
+    try:
+        for i in range(2):
+            client.publish(topic, json.dumps({"id": f"d{i}", "text": "hi"}).encode(), esp_error_type="invalid_json",
+                           esp_stage="validate", esp_reason="x").result(timeout=30)  # fmt: skip
+    finally:
+        client.stop()
+    result = _esp("dead-letters", "replay", "--rate", rate, "--pull-idle-s", "1", env_extra=_env(ready))
+    _one_line_or_success(result, f"replay --rate {rate}")
+
+
+# ---------------------------------------------------------------------------------------------
+# esp worker run: settings that validation accepts
+
+
+def _worker_with(emulator: PubSubEmulator, **overrides: object) -> tuple[Stream, Worker] | None:
+    try:
+        settings, batching = fast_worker_settings(**overrides)
+    except ConfigError:
+        return None  # refused up front, in one line: what the promise asks
+    stream = Stream(unique_settings(emulator))
+    worker = Worker(SumScorer(), pubsub=stream.settings, settings=settings, batching=batching)
+    worker.start()
+    wait_until(worker.ready, timeout_s=15, what="the worker to become ready")
+    return stream, worker
+
+
+def test_an_infinite_shutdown_grace_is_refused_or_the_worker_still_stops(emulator: PubSubEmulator) -> None:
+    """`--shutdown-grace-s inf` (ESP_SHUTDOWN_GRACE_S=inf) passes `>= 0`; the worker runs and
+    scores, but on SIGTERM `stop()` raises OverflowError from `thread.join(timeout=inf)`: no drain,
+    no nacks, no flush, a traceback from `esp worker run`."""
+    started = _worker_with(emulator, shutdown_grace_s=INF)
+    if started is None:
+        return
+    stream, worker = started
+    try:
+        stream.publish_comments([(f"c{i}", f"text {i}") for i in range(3)])
+        stream.collect(scores=3, timeout_s=20)
+        worker.stop()  # must drain and return, as with any other grace
+    finally:
+        stream.close()
+
+
+def test_an_unbounded_batch_latency_is_refused_or_comments_still_get_scored(emulator: PubSubEmulator) -> None:
+    """`--max-batch-latency-ms inf` passes `>= 0`; a batch that does not fill is then never sent:
+    the worker is ready and healthy, holds the comments and extends their leases, and scores none
+    of them (a silent stop until --max-lease-duration-s, then the same again on redelivery)."""
+    started = _worker_with(emulator, max_batch_latency_ms=INF)
+    if started is None:
+        return
+    stream, worker = started
+    try:
+        stream.publish_comments([(f"c{i}", f"text {i}") for i in range(3)])  # fewer than max_batch_size (8)
+        stream.collect(scores=3, timeout_s=15)
+    finally:
+        worker.stop()
+        stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# esp backfill: a truncated gzip
+
+
+def test_a_gzip_cut_short_fails_the_backfill_instead_of_finishing_as_success(tmp_path: Path, test_model_base: Path) -> None:
+    """A .jsonl.gz whose compressed stream ends early (an interrupted upload or copy) is read by
+    Beam up to the cut and the rest is silently dropped: the run ends with every line it saw scored,
+    no dead letter and no error, so `esp backfill` exits 0 having scored 100 of 200 comments.
+    `esp publish` refuses the same file ('reading stopped after line N'); the backfill must not
+    report success either."""
+    from beam_jobs.backfill import BackfillConfig, run
+
+    lines = [json.dumps({"id": f"c{i:03d}", "text": f"comment number {i}"}) + "\n" for i in range(200)]
+    gz = zlib.compressobj(wbits=31)  # gzip framing
+    head = gz.compress("".join(lines[:100]).encode()) + gz.flush(zlib.Z_FULL_FLUSH)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(head)  # cut at a flush point after line 100: no end-of-stream marker, no trailer
+    try:
+        summary = run(BackfillConfig(input=str(path), output=str(tmp_path / "out"), backend="saved_model",
+                                     saved_model_dir=str(test_model_base)))  # fmt: skip
+    except EspError:
+        return
+    pytest.fail(f"a gzip cut after line 100 of 200 finished as a success: {summary.line()}")
