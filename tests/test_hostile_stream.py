@@ -205,3 +205,37 @@ def test_a_gzip_cut_short_fails_the_backfill_instead_of_finishing_as_success(tmp
     except EspError:
         return
     pytest.fail(f"a gzip cut after line 100 of 200 finished as a success: {summary.line()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model client: a comment too large for the channel
+
+
+def test_a_predict_too_large_for_the_channel_is_not_a_model_outage() -> None:
+    """With ESP_MAX_BODY_BYTES raised (allowed up to 10,000,000) above ESP_MODEL_MAX_MESSAGE_BYTES
+    (allowed down to 4 MiB), or 27+ near-10 MB comments in one batch of 32 at the default 256 MiB,
+    the Predict request is refused by gRPC on this side ('CLIENT: Sent message larger than max',
+    RESOURCE_EXHAUSTED). The client retries it and raises ModelUnavailable, so the engine opens a
+    'model server' outage and retries the same batch for as long as it holds the lease: one comment
+    pauses every worker that pulls it, and it is never dead-lettered with a reason. The request's
+    size is the input's fault (worker/publisher.py already treats Pub/Sub's 'larger than max' as a
+    content fault); it must not read as an outage, so the canary can isolate the comment."""
+    import concurrent.futures
+
+    import grpc
+
+    from esp.scoring import OUTAGE_ERRORS
+    from serving.client import TFServingScorer
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    scorer = TFServingScorer(f"127.0.0.1:{port}", max_message_bytes=4 * 1024 * 1024, retry_budget_s=1.0, timeout_s=2.0)
+    try:
+        with pytest.raises(Exception) as caught:
+            scorer.predict(["x" * 5_000_000])
+        assert "larger than max" in str(caught.value)
+        assert not isinstance(caught.value, OUTAGE_ERRORS), f"read as an outage: {caught.value!r}"
+    finally:
+        scorer.close()
+        server.stop(0)
