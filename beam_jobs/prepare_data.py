@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.options import pipeline_options
+from beam_jobs.options import new_pipeline, pipeline_options
 from esp.settings.training import label_problem
 
 logger = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def run(config: PrepareConfig, beam_args: Sequence[str] = ()) -> dict:
     if not FileSystems.exists(config.output_dir):
         FileSystems.mkdirs(config.output_dir)
     _clear_outputs(config.output_dir)
-    with beam.Pipeline(options=options) as pipeline:
+    with new_pipeline(options) as pipeline:
         build_pipeline(pipeline, config)
     with FileSystems.open(FileSystems.join(config.output_dir, STATS_FILE)) as f:
         return json.loads(f.read().decode("utf-8"))

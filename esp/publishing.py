@@ -160,6 +160,10 @@ def _read_jsonl(stream: IO[str], id_field: str, text_field: str, max_body_bytes:
 
 
 def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body_bytes: int) -> Iterator[Row]:
+    # A field too long to be a comment is read whole and rejected as its row. Only one past this
+    # bound stops the file: the reader cannot tell where such a field ends, and restarting mid-field
+    # would read its lines as rows of their own, with ids and texts the field's author chose.
+    csv.field_size_limit(max(csv.field_size_limit(), 4 * max_body_bytes))
     reader = csv.reader(stream)
     try:
         header = next(reader)
@@ -183,8 +187,7 @@ def _read_csv(stream: IO[str], id_column: str, text_column: str | None, max_body
         except StopIteration:
             return
         except csv.Error as exc:
-            yield Row(start, None, f"invalid_csv: {exc}")
-            continue
+            raise EspError(f"reading stopped at line {start}: {exc}; nothing after it was read") from None
         if not fields:
             continue
         if len(fields) != len(header):

@@ -14,8 +14,10 @@ Behaviour, all configurable through `esp.settings.ModelClientSettings`:
   full jitter, inside an overall budget; after it, ModelUnavailable;
 - NOT_FOUND -> ModelNotFound, INVALID_ARGUMENT -> ModelRejected (except the two INVALID_ARGUMENTs
   TF Serving uses for a bad version label or signature name, which are configuration, not input);
-  INTERNAL, UNKNOWN -> ModelServerError (an op that broke: on one input, or on every input; the
-  caller's canary decides which); anything else after the retries -> ModelUnavailable;
+  RESOURCE_EXHAUSTED for a message over gRPC's size limit -> ModelRejected (the batch is too big,
+  not the server too busy); INTERNAL, UNKNOWN -> ModelServerError (an op that broke: on one input,
+  or on every input; the caller's canary decides which); anything else after the retries ->
+  ModelUnavailable;
 - labels come from GetModelMetadata's signature_def, cached per model version, never hard-coded.
 """
 
@@ -64,6 +66,15 @@ AMBIGUOUS_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 # TF Serving answers INVALID_ARGUMENT for these, but they are a misconfigured client or server,
 # not a bad comment: treating them as ModelRejected would dead-letter every message.
 _CONFIG_ERROR_MARKERS = ("Unrecognized servable version label", "signature key", "signature_name")
+
+# gRPC answers RESOURCE_EXHAUSTED both for a server out of capacity (retry) and for a message over
+# the size limit of either side, which no retry fixes; this is how the second reads.
+_TOO_LARGE_MARKER = "larger than max"
+
+
+def _too_large(code: grpc.StatusCode, details: str) -> bool:
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE_MARKER in details.lower()
+
 
 INPUT_KEY = "text"
 THRESHOLD_PREFIX = "esp_threshold_"
@@ -351,7 +362,7 @@ class TFServingScorer:
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
                 details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
-                if code not in RETRYABLE_CODES:
+                if code not in RETRYABLE_CODES or _too_large(code, details):
                     raise self._classify(what, code, details) from None
                 backoff = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
                 backoff *= self._rng.random()
@@ -370,6 +381,10 @@ class TFServingScorer:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             if any(marker in details for marker in _CONFIG_ERROR_MARKERS):
                 return ModelNotFound(message)
+            return ModelRejected(message)
+        if _too_large(code, details):
+            # The request is over a gRPC message limit (this channel's or the server's): the batch's
+            # size, not the server's state. A smaller batch may pass; one comment alone is refused.
             return ModelRejected(message)
         if code in AMBIGUOUS_CODES:
             return ModelServerError(message)

@@ -84,6 +84,19 @@ def test_a_csv_field_over_the_field_size_limit_does_not_turn_its_remains_into_co
     )
 
 
+def test_a_csv_field_past_what_the_reader_holds_stops_the_file_with_the_line() -> None:
+    """A field too long even to be read whole (over 4x the body limit and csv's own limit) stops
+    the file with an error naming its line; nothing after it is read, and no part of it is a row."""
+    import csv
+
+    big = "A" * (csv.field_size_limit() + 10)
+    text = f'id,text\nok1,first\nbig,"{big}\nforged-1,you are wonderful"\nok2,second\n'
+    rows = read_rows(io.StringIO(text, newline=""), "csv", id_column="id", text_column=None, max_body_bytes=1000)
+    assert next(rows).comment.id == "ok1"
+    with pytest.raises(EspError, match="reading stopped at line 3: field larger than field limit"):
+        next(rows)
+
+
 @pytest.mark.parametrize("attribute", ["topic=x", "data=x", "self=x", "ordering_key=k", "timeout=5", "retry=x"])
 def test_publish_attribute_named_like_a_client_keyword_is_one_line_or_published(
     ready: PubSubSettings, tmp_path: Path, attribute: str
@@ -239,3 +252,36 @@ def test_a_predict_too_large_for_the_channel_is_not_a_model_outage() -> None:
     finally:
         scorer.close()
         server.stop(0)
+
+
+def test_a_bzip2_cut_short_fails_too_and_a_whole_one_is_scored(tmp_path: Path, test_model_base: Path) -> None:
+    import bz2
+
+    from beam_jobs.backfill import BackfillConfig, run
+
+    body = "".join(json.dumps({"id": f"c{i:03d}", "text": f"comment number {i}"}) + "\n" for i in range(50)).encode()
+    whole, cut = tmp_path / "whole.jsonl.bz2", tmp_path / "cut.jsonl.bz2"
+    whole.write_bytes(bz2.compress(body))
+    cut.write_bytes(bz2.compress(body)[:-20])
+    model = str(test_model_base)
+    summary = run(BackfillConfig(input=str(whole), output=str(tmp_path / "w"), backend="saved_model", saved_model_dir=model))
+    assert (summary.read, summary.scored) == (50, 50)
+    with pytest.raises(EspError, match=r"cut short or corrupt: .*cut\.jsonl\.bz2"):
+        run(BackfillConfig(input=str(cut), output=str(tmp_path / "c"), backend="saved_model", saved_model_dir=model))
+
+
+def test_the_direct_runner_never_tries_the_prism_runner(tmp_path: Path, test_model_base: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Beam 2.77's DirectRunner first tries Prism, downloading it from GitHub (a network call on
+    every local run; online, a runner ESP is not tested on); ESP's pipelines stay off it."""
+    import logging
+
+    from beam_jobs.backfill import BackfillConfig, run
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "text": "hello"}\n', encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="apache_beam"):
+        summary = run(BackfillConfig(input=str(path), output=str(tmp_path / "out"), backend="saved_model",
+                                     saved_model_dir=str(test_model_base)), ["--runner=DirectRunner"])  # fmt: skip
+    assert summary.scored == 1
+    prism = [r.getMessage() for r in caplog.records if "prism" in r.getMessage().lower()]
+    assert prism == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from esp.settings import CommentSettings, LogSettings, ModelClientSettings, PubSubSettings, build, click_options
+from esp.settings import CommentSettings, FiniteFloat, LogSettings, ModelClientSettings, PubSubSettings, build, click_options
 from esp.settings.api import ApiSettings
 from esp.settings.batching import BatchingSettings
 
@@ -43,7 +43,7 @@ def api(ctx: click.Context, **values: object) -> int | None:
 
 @api.command("new-key")
 @click.argument("name")
-@click.option("--rate", "rate_per_s", type=click.FloatRange(min=0, min_open=True), default=None, help="Comments per second this key may score [default: --api-default-rate-per-s].")
+@click.option("--rate", "rate_per_s", type=FiniteFloat(min=0, min_open=True), default=None, help="Comments per second this key may score [default: --api-default-rate-per-s].")
 @click.option("--burst", type=click.IntRange(min=1), default=None, help="Token bucket size, comments [default: --api-default-burst].")
 def new_key(name: str, rate_per_s: float | None, burst: int | None) -> None:
     """Make an API key called NAME: prints the key (once: only its hash is kept) and the keys-file line."""

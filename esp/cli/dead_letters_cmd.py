@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from esp.settings import DeadLetterSettings, PubSubSettings, build, click_options
+from esp.settings import DeadLetterSettings, FiniteFloat, PubSubSettings, build, click_options
 
 
 @contextlib.contextmanager
@@ -255,7 +255,7 @@ def export(file: Path, consume: bool, force: bool, max_messages: int | None, **o
 @click.option("--include-parked", is_flag=True, help="Replay parked dead letters too (same as --parked include).")
 @click.option("--to", "to_topic", default=None, help="Topic to republish to (default: the comments topic).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay (or park) at most this many.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None, help="Most republishes per second.")
+@click.option("--rate", type=FiniteFloat(min=0.001), default=None, help="Most republishes per second (at least 0.001).")
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed and parked; change nothing.")
 @_max_option(None, " (default: all)")
 def replay(

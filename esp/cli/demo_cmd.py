@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from esp.settings import FiniteFloat
+
 
 @click.command()
-@click.option("--timeout-s", type=click.FloatRange(10), default=300.0, help="Give up waiting for scores after this long, seconds.")
+@click.option("--timeout-s", type=FiniteFloat(10), default=300.0, help="Give up waiting for scores after this long, seconds.")
 @click.option(
     "--keep-running",
     is_flag=True,

@@ -5,7 +5,7 @@ variable, its unit and its default. Commands compose the groups they need (`clic
 entry points use `from_env`. `ALL_GROUPS` feeds `esp config` and the README's configuration table.
 """
 
-from esp.settings.base import build, click_options, describe, from_env, setting
+from esp.settings.base import FiniteFloat, build, click_options, describe, from_env, setting
 from esp.settings.batching import BatchingSettings
 from esp.settings.contracts import CommentSettings
 from esp.settings.dead_letters import DeadLetterSettings
@@ -25,6 +25,7 @@ __all__ = [
     "CommentSettings",
     "DataSettings",
     "DeadLetterSettings",
+    "FiniteFloat",
     "LogSettings",
     "ModelClientSettings",
     "ModelServerSettings",

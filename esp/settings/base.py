@@ -9,6 +9,7 @@ keeps that table complete). This module is the only place in ESP that reads `os.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -92,6 +93,38 @@ def describe(cls: type) -> list[SettingInfo]:
     return out
 
 
+class FiniteFloat(click.FloatRange):
+    """click's float (or float range) that also refuses `nan` and `inf`, which Python's float() takes.
+
+    No ESP setting means anything by them: an infinite timeout or grace period overflows the first
+    wait it reaches, an infinite batch latency holds a partial batch for ever, and NaN passes every
+    range check by comparing false.
+    """
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+# The longest duration any setting may name: waits longer than this overflow some of the waits they
+# reach (a thread join, time.sleep), and no ESP setting means anything by them.
+MAX_DURATION_S = 1_000_000.0  # about 11.6 days
+
+
+def _finite(name: str, value: Any) -> None:
+    if not isinstance(value, float | int) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {value!r}")
+    limit = MAX_DURATION_S if name.endswith("_s") else MAX_DURATION_S * 1000 if name.endswith("_ms") else None
+    if limit is not None and value > limit:
+        raise ConfigError(f"{name} must be at most {limit:,.0f}, not {value!r}")
+
+
 def _parse(raw: str, base: type, optional: bool, name: str, env: str) -> Any:
     if optional and raw == "":
         return None
@@ -103,7 +136,10 @@ def _parse(raw: str, base: type, optional: bool, name: str, env: str) -> Any:
             if low in _BOOL_FALSE:
                 return False
             raise ValueError(raw)
-        return base(raw)
+        value = base(raw)
+        if base is float and not math.isfinite(value):
+            raise ValueError(raw)
+        return value
     except ValueError:
         raise ConfigError(f"{env}={raw!r} is not a valid {base.__name__} for {name}") from None
 
@@ -123,6 +159,9 @@ def from_env(cls: type[T], environ: Mapping[str, str] | None = None, **overrides
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
     """Builds a settings group from a mapping (extra keys ignored), running its validation."""
     names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name in names:
+            _finite(name, value)
     try:
         return cls(**{k: v for k, v in values.items() if k in names})
     except (TypeError, ValueError) as exc:
@@ -149,7 +188,7 @@ def click_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Call
                 decl = f"{option_name(f.name)}/--no-{f.name.replace('_', '-')}"
                 fn = click.option(decl, f.name, **kwargs)(fn)
                 continue
-            kwargs["type"] = click.Choice(choices) if choices else base
+            kwargs["type"] = click.Choice(choices) if choices else FiniteFloat() if base is float else base
             fn = click.option(option_name(f.name), f.name, **kwargs)(fn)
         return fn
 

@@ -50,7 +50,7 @@ class BatchingSettings:
 
     def __post_init__(self) -> None:
         require(1 <= self.max_batch_size <= 4096, "max_batch_size must be between 1 and 4096")
-        require(self.max_batch_latency_ms >= 0, "max_batch_latency_ms must not be negative")
+        require(0 <= self.max_batch_latency_ms <= 60_000, "max_batch_latency_ms must be between 0 and 60,000")
         require(1 <= self.batches_in_flight <= 64, "batches_in_flight must be between 1 and 64")
         require(
             0 < self.retry_initial_backoff_s <= self.retry_max_backoff_s,
