@@ -221,7 +221,7 @@ class ApiApp:
     def _authenticate(self, request: Request) -> KeyEntry:
         assert self.keys is not None
         key = request.header(b"x-goog-api-key")
-        if key is None:
+        if not key:  # an empty header is no key: a ?key= may still be there
             key = query_key(request.query.decode("latin-1"))
         if not key:
             raise ApiError(401, Reason.MISSING_API_KEY, "this API needs a key: pass ?key=KEY or the X-Goog-Api-Key header")

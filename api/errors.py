@@ -85,13 +85,14 @@ class ApiError(Exception):
         metadata: Mapping[str, Any] | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        message = _printable(message)
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.perspective_type = perspective_type
-        self.perspective_detail = dict(perspective_detail or {})
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.perspective_detail = _printable(dict(perspective_detail or {}))
+        self.metadata = {_printable(str(k)): _printable(str(v)) for k, v in (metadata or {}).items()}
         self.retry_after_s = retry_after_s
 
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -119,6 +120,26 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.reason!r}, {self.message!r})"
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string able to leave as UTF-8 JSON.
+
+    Error messages quote what the client sent, and JSON lets a client send a lone surrogate
+    (`"\\ud800"`) as a field name, which no UTF-8 answer can carry: such characters are written as
+    their escape, so the answer is still the 400 it should be.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 def bad_request(reason: str, message: str, *, perspective_type: str = Perspective.INVALID_REQUEST, **kwargs: Any) -> ApiError:

@@ -12,8 +12,10 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -25,7 +27,13 @@ from api.redact import install as install_redaction
 from api.service import ScoringService
 from esp.errors import ConfigError
 from esp.logs import configure_logging
-from esp.settings import BatchingSettings, CommentSettings, LogSettings, ModelClientSettings, PubSubSettings
+from esp.settings import (
+    BatchingSettings,
+    CommentSettings,
+    LogSettings,
+    ModelClientSettings,
+    PubSubSettings,
+)
 from esp.settings.api import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,9 @@ def serve(
             loop="uvloop",
             http=bounded_httptools(MAX_HEAD_BYTES, head_timeout_s=settings.api_read_timeout_s),
             lifespan="off",
+            # No websocket routes: an Upgrade is answered as the plain HTTP request it also is. With
+            # uvicorn's websocket protocol on, a handshake carrying a body got no answer at all.
+            ws="none",
             access_log=False,  # ours (api.access) redacts keys and counts comments
             proxy_headers=False,  # nothing reads the client's address; one middleware less per request
             log_config=None,
@@ -157,29 +168,59 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, with the request head bounded in size and in time.
+# After an answer that leaves part of the request unread (413, 408, an early 401), the API keeps
+# reading and dropping what the client still sends, for at most this long and this much, before it
+# closes: closing with unread bytes makes the kernel reset the connection, and a client still
+# sending its body would get a broken pipe instead of the answer (nginx's "lingering close").
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 64 * 1024 * 1024
 
-    A head over `max_head_bytes` is answered 431 and the connection closed; a head still
-    incomplete `head_timeout_s` after its first byte (or after the connection opened) closes the
-    connection: a client trickling headers holds nothing for long. Between requests uvicorn's own
-    keep-alive timeout applies.
+
+class _HeadTooLarge(httptools.HttpParserCallbackError):
+    """Raised from a parser callback: the head passed the limit inside one read."""
+
+
+def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, with every connection bounded in size and in time.
+
+    - A request head over `max_head_bytes` is answered 431 and the connection closed, whether it
+      arrives in one read or in many.
+    - A head still incomplete `head_timeout_s` after its first byte (or after the connection
+      opened, or after the first byte following an answer) closes the connection: a client
+      trickling headers, or blank lines or the rest of a body after its answer, holds nothing for
+      long. An idle connection is uvicorn's keep-alive timeout's.
+    - A client that stops reading its answers (writing paused for `head_timeout_s`) is dropped, so
+      the answers waiting for it do not hold memory for as long as it likes.
+    - After an answer that leaves the request's body unread, the connection lingers (LINGER_S).
     """
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes: int | None = None  # bytes of the request head so far; None between heads
         _head_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
+        _linger_timer: asyncio.TimerHandle | None = None
+        _linger_left = 0
+        _head_over = False
+        _pending_400: str | None = None  # a malformed request's answer, held until those before it are answered
+        _raw_body_left = 0  # bytes of an upgrade request's body still to come (_upgrade_ignored)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+            super().connection_made(CoalescingTransport(transport, self.loop, linger=self._linger))  # type: ignore[arg-type]
             self._head_started()
 
         def on_response_complete(self) -> None:
             self.transport.flush()  # type: ignore[attr-defined]  # the head and body in one write
             super().on_response_complete()
+            if self._pending_400 is not None and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+                message, self._pending_400 = self._pending_400, None
+                super().send_400_response(message)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_done()
+            for timer in (self._write_timer, self._linger_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._write_timer = self._linger_timer = None
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
@@ -187,17 +228,114 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
             if self._head_bytes is None:
                 self._head_started()
 
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+            super().on_header(name, value)
+
         def on_headers_complete(self) -> None:
             self._head_done()
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger_timer is not None:  # answered and closing: what still comes is dropped
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self._end_linger()
+                return
+            if self._pending_400 is not None:  # the parser stopped on a malformed request: nothing more is read
+                return
+            if self._raw_body_left:
+                data = self._raw_body(data)
+                if not data:
+                    return
             in_head = self._head_bytes is not None
-            super().data_received(data)
+            self._parse(data)
             if in_head and self._head_bytes is not None:  # this whole chunk was head
                 self._head_bytes += len(data)
                 if self._head_bytes > max_head_bytes:
                     self._refuse_head()
+            elif self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                # Bytes after an answer that start no request (blank lines, or the rest of a body
+                # the answer did not need): the next head must still come within the timeout.
+                self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+
+        def _parse(self, data: bytes) -> None:
+            # uvicorn's data_received, but an Upgrade (websockets are off: ws="none") is ignored,
+            # as RFC 9110 7.8 lets a server do, and the request's body read as HTTP/1.1: llhttp
+            # stops at the head of an upgrade request, and uvicorn would answer it without its body.
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._upgrade_ignored(data[exc.args[0] if exc.args else len(data) :])
+            except httptools.HttpParserError:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+
+        def _upgrade_ignored(self, rest: bytes) -> None:
+            """The parser stopped after an upgrade request's head; `rest` is what followed it."""
+            cycle = self.cycle
+            length = next((value for name, value in self.headers if name == b"content-length"), b"0")
+            chunked = any(name == b"transfer-encoding" for name, _ in self.headers)
+            self.parser = httptools.HttpRequestParser(self)  # for the requests after this one
+            if cycle is None or chunked or not length.isdigit():
+                self.send_400_response("Invalid HTTP request received.")  # an upgrade with a chunked body: not read
+                return
+            cycle.more_body = True
+            self._raw_body_left = int(length)
+            rest = self._raw_body(rest) if self._raw_body_left else rest
+            if not self._raw_body_left:
+                cycle.more_body = False
+                cycle.message_event.set()
+            if rest:
+                self.data_received(rest)
+
+        def _raw_body(self, data: bytes) -> bytes:
+            """Hands the body of an upgrade request to its cycle; returns what follows the body."""
+            cycle = self.cycle
+            take = data[: self._raw_body_left]
+            self._raw_body_left -= len(take)
+            if cycle is not None and not cycle.response_complete:
+                cycle.body += take
+                if not self._raw_body_left:
+                    cycle.more_body = False
+                cycle.message_event.set()
+            return data[len(take) :]
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_over:  # the parser stopped on _HeadTooLarge
+                self._refuse_head()
+                return
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                # Requests before the malformed one are still being answered: their answers go
+                # first, in order, then this 400 and the close (uvicorn would close at once, and
+                # the client would read the 400 as the answer to its earlier, valid request).
+                self._pending_400 = msg
+                self._head_done()  # nothing more is read, so no head is waited for
+                self.flow.pause_reading()
+                return
+            super().send_400_response(msg)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(head_timeout_s, self._not_reading)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _count_head(self, n: int) -> None:
+            self._head_bytes = (self._head_bytes or 0) + n
+            if self._head_bytes > max_head_bytes:
+                self._head_over = True
+                raise _HeadTooLarge(f"request head over {max_head_bytes} bytes")
 
         def _head_started(self) -> None:
             self._head_bytes = 0
@@ -211,10 +349,33 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
                 self._head_timer = None
 
         def _head_too_slow(self) -> None:
+            # Armed only while no request is being answered; cancelled as soon as a head is complete.
             self._head_timer = None
-            if self._head_bytes is not None and not self.transport.is_closing():
-                self._head_bytes = None
+            self._head_bytes = None
+            if not self.transport.is_closing():
                 self.transport.close()
+
+        def _not_reading(self) -> None:
+            self._write_timer = None
+            if not self.transport.is_closing():
+                log.info("a client of %s read nothing for %.0fs: connection dropped", self.client[0] if self.client else "?", head_timeout_s)
+                self.transport.abort()
+
+        def _linger(self) -> bool:
+            """Called as the transport closes: True when the connection lingers (and closes itself later)."""
+            if self._linger_timer is not None or self.cycle is None or not self.cycle.more_body:
+                return False
+            self._linger_left = LINGER_MAX_BYTES
+            self._linger_timer = self.loop.call_later(LINGER_S, self._end_linger)
+            self.flow.resume_reading()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # the answer is whole: the client sees it end
+            return True
+
+        def _end_linger(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            self.transport.close()  # the linger hook declines now: the timer handle is still set
 
         def _refuse_head(self) -> None:
             self._head_done()
@@ -241,13 +402,14 @@ class CoalescingTransport:
     Everything but writing is the socket transport's own.
     """
 
-    __slots__ = ("_buffer", "_flush_scheduled", "_loop", "_transport")
+    __slots__ = ("_buffer", "_flush_scheduled", "_linger", "_loop", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, *, linger: Callable[[], bool] | None = None) -> None:
         self._transport = transport
         self._loop = loop
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
+        self._linger = linger  # asked on close(): True when the protocol closes later itself
 
     def write(self, data: bytes) -> None:
         self._buffer.append(bytes(data))
@@ -275,6 +437,8 @@ class CoalescingTransport:
 
     def close(self) -> None:
         self.flush()
+        if self._linger is not None and not self._transport.is_closing() and self._linger():
+            return
         self._transport.close()
 
     def abort(self) -> None:
