@@ -229,3 +229,14 @@ def test_wide_part_fitted_by_logistic_regression_with_out_of_fold_logits(tiny_tr
     fn = tf.saved_model.load(str(version)).signatures["serving_default"]
     out = fn(text=tf.constant(dev.texts))
     np.testing.assert_allclose(np.stack([out[l].numpy() for l in LABELS], 1), predict_probabilities(result.model, enc), atol=1e-5)
+
+
+def test_bfloat16_training_only_where_the_cpu_runs_it_natively() -> None:
+    from training.model import training_dtype
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert training_dtype("mixed_bfloat16", avx2, gpu=False) == "float32"
+    assert training_dtype("mixed_bfloat16", amx, gpu=False) == "mixed_bfloat16"
+    assert training_dtype("mixed_bfloat16", avx2, gpu=True) == "mixed_bfloat16"
+    assert training_dtype("float32", amx, gpu=False) == "float32"

@@ -364,7 +364,7 @@ def train(
 
     from training import records
     from training.metrics import mean_auc, roc_aucs
-    from training.model import build_backbone, build_classifier, float32_copy, with_dtype
+    from training.model import build_backbone, build_classifier, float32_copy, training_dtype, with_dtype
     from training.preprocess import Preprocessor, read_vocab, shipped_vocab_path
 
     configure_tensorflow(seed, threads)
@@ -423,7 +423,10 @@ def train(
     )
     if backbone is None:
         backbone = build_backbone(profile, len(read_vocab(vocab_path)))
-    model = build_classifier(profile, with_dtype(backbone, profile.train_dtype), len(labels), preprocessor.wide_vocab_size)
+    dtype = training_dtype(profile.train_dtype)
+    if dtype != profile.train_dtype:
+        logger.info("training in %s, not %s: this CPU has no native bfloat16 (no AMX or AVX512-BF16)", dtype, profile.train_dtype)
+    model = build_classifier(profile, with_dtype(backbone, dtype), len(labels), preprocessor.wide_vocab_size)
 
     t0 = time.monotonic()
     total_rows = len(train_split) + len(dev_split)
