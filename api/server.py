@@ -176,8 +176,8 @@ LINGER_S = 2.0
 LINGER_MAX_BYTES = 64 * 1024 * 1024
 
 
-class _HeadTooLarge(httptools.HttpParserCallbackError):
-    """Raised from a parser callback: the head passed the limit inside one read."""
+class _Refused(httptools.HttpParserCallbackError):
+    """Raised from a parser callback to stop parsing a request the protocol refuses (431, 400)."""
 
 
 def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[HttpToolsProtocol]:
@@ -188,111 +188,191 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
     - A head still incomplete `head_timeout_s` after its first byte (or after the connection
       opened, or after the first byte following an answer) closes the connection: a client
       trickling headers, or blank lines or the rest of a body after its answer, holds nothing for
-      long. An idle connection is uvicorn's keep-alive timeout's.
-    - A client that stops reading its answers (writing paused for `head_timeout_s`) is dropped, so
-      the answers waiting for it do not hold memory for as long as it likes.
+      long. The clock starts only once the requests before it are answered. An idle connection is
+      uvicorn's keep-alive timeout's.
+    - A client whose answers stop draining for `head_timeout_s` is dropped, so the answers waiting
+      for it do not hold memory for as long as it likes.
     - After an answer that leaves the request's body unread, the connection lingers (LINGER_S).
+    - A request the parser refuses (400, 431) is answered after the requests before it, in order;
+      a request whose own body is malformed gets the 400 instead of its answer.
+    - An Upgrade (websockets are off, ws="none") is ignored, as RFC 9110 7.8 lets a server do, and
+      the request's body read as HTTP/1.1: llhttp stops at the head of an upgrade request, and
+      uvicorn would answer it without its body.
     """
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        _head_bytes: int | None = None  # bytes of the request head so far; None between heads
+        _in_head = False
+        # Two lower bounds of the head's size, either of which over the limit refuses it: the lines
+        # the parser completed (a head whole in one read), and the reads that were head throughout.
+        _head_lines = 0
+        _head_raw = 0
+        _began = False  # a message began during the read being parsed
         _head_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
+        _write_backlog = 0
         _linger_timer: asyncio.TimerHandle | None = None
         _linger_left = 0
-        _head_over = False
-        _pending_400: str | None = None  # a malformed request's answer, held until those before it are answered
+        _refusal: bytes | None = None  # the answer to a refused request, set once parsing stopped
+        _held: bytes | None = None  # a refusal waiting for the answers of the requests before it
         _raw_body_left = 0  # bytes of an upgrade request's body still to come (_upgrade_ignored)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(CoalescingTransport(transport, self.loop, linger=self._linger))  # type: ignore[arg-type]
             self._head_started()
 
-        def on_response_complete(self) -> None:
-            self.transport.flush()  # type: ignore[attr-defined]  # the head and body in one write
-            super().on_response_complete()
-            if self._pending_400 is not None and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
-                message, self._pending_400 = self._pending_400, None
-                super().send_400_response(message)
-
         def connection_lost(self, exc: Exception | None) -> None:
-            self._head_done()
-            for timer in (self._write_timer, self._linger_timer):
+            for timer in (self._head_timer, self._write_timer, self._linger_timer):
                 if timer is not None:
                     timer.cancel()
-            self._write_timer = self._linger_timer = None
+            self._head_timer = self._write_timer = self._linger_timer = None
+            self._in_head = False
             super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # type: ignore[attr-defined]  # the head and body in one write
+            if self._linger_timer is not None:  # closing: no queued request starts now
+                return
+            super().on_response_complete()
+            if self._answered_all():
+                if self._held is not None:
+                    answer, self._held = self._held, None
+                    self._refuse(answer)
+                elif self._in_head and self._head_timer is None:
+                    self._arm_head_timer()  # its turn has come: its clock starts
+
+        # -- parsing
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            if self._head_bytes is None:
-                self._head_started()
+            self._began = True
+            self._head_started()
 
         def on_url(self, url: bytes) -> None:
-            self._count_head(len(url))
+            self._count_line(len(url))
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+            self._count_line(len(name) + len(value) + 4)  # ": " and CRLF
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._head_done()
+            if self.parser.should_upgrade() and any(name.lower() == b"transfer-encoding" for name, _ in self.headers):
+                # An upgrade request's body is read by hand (_upgrade_ignored), by its length only.
+                raise _Refused("an Upgrade request with a chunked body")
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
-            if self._linger_timer is not None:  # answered and closing: what still comes is dropped
-                self._linger_left -= len(data)
-                if self._linger_left < 0:
-                    self._end_linger()
-                return
-            if self._pending_400 is not None:  # the parser stopped on a malformed request: nothing more is read
-                return
-            if self._raw_body_left:
-                data = self._raw_body(data)
-                if not data:
+            while data:
+                if self._linger_timer is not None:  # answered and closing: what still comes is dropped
+                    self._linger_left -= len(data)
+                    if self._linger_left < 0:
+                        self._end_linger()
                     return
-            in_head = self._head_bytes is not None
-            self._parse(data)
-            if in_head and self._head_bytes is not None:  # this whole chunk was head
-                self._head_bytes += len(data)
-                if self._head_bytes > max_head_bytes:
-                    self._refuse_head()
-            elif self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
-                # Bytes after an answer that start no request (blank lines, or the rest of a body
-                # the answer did not need): the next head must still come within the timeout.
-                self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+                if self._refusal is not None or self._held is not None:  # parsing stopped for good
+                    return
+                if self._raw_body_left:
+                    data = self._raw_body(data)
+                    continue
+                data = self._parse(data)
 
-        def _parse(self, data: bytes) -> None:
-            # uvicorn's data_received, but an Upgrade (websockets are off: ws="none") is ignored,
-            # as RFC 9110 7.8 lets a server do, and the request's body read as HTTP/1.1: llhttp
-            # stops at the head of an upgrade request, and uvicorn would answer it without its body.
+        def _parse(self, data: bytes) -> bytes:
+            """Feeds the parser; returns what follows an upgrade request's head (b"" otherwise)."""
+            was_in_head = self._in_head
+            self._began = False
             self._unset_keepalive_if_required()
+            rest = b""
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade as exc:
-                self._upgrade_ignored(data[exc.args[0] if exc.args else len(data) :])
+                rest = self._upgrade_ignored(data[exc.args[0] if exc.args else len(data) :])
             except httptools.HttpParserError:
-                self.logger.warning("Invalid HTTP request received.")
-                self.send_400_response("Invalid HTTP request received.")
+                if self._refusal is None:
+                    self.logger.warning("Invalid HTTP request received.")
+                self._answer_refusal()
+                return b""
+            if self._in_head and was_in_head and not self._began:  # this whole read was head
+                self._head_raw += len(data)
+                if self._head_raw > max_head_bytes:
+                    self._refusal = self._head_too_large()
+                    self._answer_refusal()
+                    return b""
+            if not self._in_head and self._head_timer is None and self._answered_all():
+                # Bytes after an answer that start no request (blank lines, or the rest of a body
+                # the answer did not need): the next head must still come within the timeout.
+                self._arm_head_timer()
+            return rest
 
-        def _upgrade_ignored(self, rest: bytes) -> None:
-            """The parser stopped after an upgrade request's head; `rest` is what followed it."""
+        def _count_line(self, n: int) -> None:
+            self._head_lines += n
+            if self._head_lines > max_head_bytes:
+                self._refusal = self._head_too_large()
+                raise _Refused(f"request head over {max_head_bytes} bytes")
+
+        def _head_too_large(self) -> bytes:
+            log.warning("a request head over %d bytes from %s: answered 431", max_head_bytes, self.client[0] if self.client else "?")
+            message = f"request head over {max_head_bytes} bytes\n".encode()
+            return (
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message
+            )
+
+        # -- refusals, in order
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own callers (none left but this protocol's) go through the ordering below.
+            self._refusal = self._refusal or _plain_answer(400, "Bad Request", msg)
+            self._answer_refusal()
+
+        def _answer_refusal(self) -> None:
+            """Answers the request the parser stopped on (self._refusal), after the ones before it."""
+            answer = self._refusal or _plain_answer(400, "Bad Request", "Invalid HTTP request received.")
+            self._refusal = answer
+            self._head_done()
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body:  # the parser stopped inside this request's own body
+                queued = [entry for entry in self.pipeline if entry[0] is cycle]
+                if queued:
+                    self.pipeline.remove(queued[0])  # never started: its refusal replaces its answer
+                elif cycle.response_started:
+                    self.transport.close()  # it is being answered: an answer cannot be taken back
+                    return
+                else:
+                    cycle.disconnected = True  # its application sees a disconnect; its answer is dropped
+                    cycle.message_event.set()
+                    cycle.response_complete = True
+            if self._answered_all():
+                self._refuse(answer)
+            else:
+                self._held = answer
+                self.flow.pause_reading()
+
+        def _refuse(self, answer: bytes) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+        def _answered_all(self) -> bool:
+            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
+        # -- upgrades
+
+        def _upgrade_ignored(self, rest: bytes) -> bytes:
+            """The parser stopped after an upgrade request's head; `rest` is what followed it.
+            Returns what follows the request's body, for a fresh parser."""
             cycle = self.cycle
             length = next((value for name, value in self.headers if name == b"content-length"), b"0")
-            chunked = any(name == b"transfer-encoding" for name, _ in self.headers)
             self.parser = httptools.HttpRequestParser(self)  # for the requests after this one
-            if cycle is None or chunked or not length.isdigit():
-                self.send_400_response("Invalid HTTP request received.")  # an upgrade with a chunked body: not read
-                return
-            cycle.more_body = True
+            if cycle is None or not length.isdigit():
+                if cycle is not None:
+                    cycle.more_body = True  # the refusal is this request's answer, not one more
+                self._answer_refusal()
+                return b""
             self._raw_body_left = int(length)
-            rest = self._raw_body(rest) if self._raw_body_left else rest
-            if not self._raw_body_left:
-                cycle.more_body = False
-                cycle.message_event.set()
-            if rest:
-                self.data_received(rest)
+            if self._raw_body_left:
+                cycle.more_body = True  # llhttp said the message was complete at its head
+                return self._raw_body(rest)
+            return rest
 
         def _raw_body(self, data: bytes) -> bytes:
             """Hands the body of an upgrade request to its cycle; returns what follows the body."""
@@ -306,23 +386,34 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
                 cycle.message_event.set()
             return data[len(take) :]
 
-        def send_400_response(self, msg: str) -> None:
-            if self._head_over:  # the parser stopped on _HeadTooLarge
-                self._refuse_head()
-                return
-            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
-                # Requests before the malformed one are still being answered: their answers go
-                # first, in order, then this 400 and the close (uvicorn would close at once, and
-                # the client would read the 400 as the answer to its earlier, valid request).
-                self._pending_400 = msg
-                self._head_done()  # nothing more is read, so no head is waited for
-                self.flow.pause_reading()
-                return
-            super().send_400_response(msg)
+        # -- timers
+
+        def _head_started(self) -> None:
+            self._in_head = True
+            self._head_lines = self._head_raw = 0
+            if self._head_timer is None and self._answered_all():
+                self._arm_head_timer()
+
+        def _head_done(self) -> None:
+            self._in_head = False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _arm_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            # Armed only while no request is being answered; cancelled as soon as a head is complete.
+            self._head_timer = None
+            self._in_head = False
+            if not self.transport.is_closing():
+                self.transport.close()
 
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._write_timer is None:
+                self._write_backlog = self.transport.get_write_buffer_size()
                 self._write_timer = self.loop.call_later(head_timeout_s, self._not_reading)
 
         def resume_writing(self) -> None:
@@ -331,39 +422,23 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
                 self._write_timer.cancel()
                 self._write_timer = None
 
-        def _count_head(self, n: int) -> None:
-            self._head_bytes = (self._head_bytes or 0) + n
-            if self._head_bytes > max_head_bytes:
-                self._head_over = True
-                raise _HeadTooLarge(f"request head over {max_head_bytes} bytes")
-
-        def _head_started(self) -> None:
-            self._head_bytes = 0
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
-
-        def _head_done(self) -> None:
-            self._head_bytes = None
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_too_slow(self) -> None:
-            # Armed only while no request is being answered; cancelled as soon as a head is complete.
-            self._head_timer = None
-            self._head_bytes = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
         def _not_reading(self) -> None:
             self._write_timer = None
-            if not self.transport.is_closing():
-                log.info("a client of %s read nothing for %.0fs: connection dropped", self.client[0] if self.client else "?", head_timeout_s)
-                self.transport.abort()
+            if self.transport.is_closing():
+                return
+            backlog = self.transport.get_write_buffer_size()
+            if backlog < self._write_backlog:  # a slow reader, but a reader: another period
+                self._write_backlog = backlog
+                self._write_timer = self.loop.call_later(head_timeout_s, self._not_reading)
+                return
+            log.info("a client of %s read nothing for %.0fs: connection dropped", self.client[0] if self.client else "?", head_timeout_s)
+            self.transport.abort()
+
+        # -- lingering close
 
         def _linger(self) -> bool:
             """Called as the transport closes: True when the connection lingers (and closes itself later)."""
-            if self._linger_timer is not None or self.cycle is None or not self.cycle.more_body:
+            if self._linger_timer is not None or self.cycle is None or not self.cycle.more_body or self.pipeline:
                 return False
             self._linger_left = LINGER_MAX_BYTES
             self._linger_timer = self.loop.call_later(LINGER_S, self._end_linger)
@@ -377,19 +452,15 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
                 self._linger_timer.cancel()
             self.transport.close()  # the linger hook declines now: the timer handle is still set
 
-        def _refuse_head(self) -> None:
-            self._head_done()
-            if self.transport.is_closing():
-                return
-            log.warning("a request head over %d bytes from %s: answered 431", max_head_bytes, self.client[0] if self.client else "?")
-            message = f"request head over {max_head_bytes} bytes\n".encode()
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message
-            )
-            self.transport.close()
-
     return BoundedHttpToolsProtocol
+
+
+def _plain_answer(status: int, phrase: str, message: str) -> bytes:
+    body = message.encode("ascii", "replace")
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 class CoalescingTransport:
@@ -402,7 +473,7 @@ class CoalescingTransport:
     Everything but writing is the socket transport's own.
     """
 
-    __slots__ = ("_buffer", "_flush_scheduled", "_linger", "_loop", "_transport")
+    __slots__ = ("_buffer", "_eof", "_flush_scheduled", "_linger", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, *, linger: Callable[[], bool] | None = None) -> None:
         self._transport = transport
@@ -410,8 +481,11 @@ class CoalescingTransport:
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
         self._linger = linger  # asked on close(): True when the protocol closes later itself
+        self._eof = False  # write_eof() was called: nothing more may be written
 
     def write(self, data: bytes) -> None:
+        if self._eof:
+            return  # the connection is lingering after its last answer: a late write goes nowhere
         self._buffer.append(bytes(data))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -440,6 +514,11 @@ class CoalescingTransport:
         if self._linger is not None and not self._transport.is_closing() and self._linger():
             return
         self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._eof = True
+        self._transport.write_eof()
 
     def abort(self) -> None:
         self._buffer.clear()

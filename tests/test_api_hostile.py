@@ -280,3 +280,77 @@ def test_a_malformed_pipelined_request_does_not_take_the_answer_of_the_one_befor
     one, _, two = received.partition(b"HTTP/1.1 400 ")
     assert one.startswith(b"HTTP/1.1 200 ") and b'"scores"' in one, received[:300]
     assert two.endswith(b"Invalid HTTP request received."), received[-300:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Found in review of the bounds above
+
+
+def _exchange(port: int, *parts: bytes | float, read_s: float = 10.0) -> bytes:
+    """Sends `parts` (a float is a pause, seconds) and reads until the server closes or `read_s` passes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_s) as sock:
+        for part in parts:
+            if isinstance(part, float):
+                time.sleep(part)
+            else:
+                sock.sendall(part)
+        received = b""
+        deadline = time.monotonic() + read_s
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def _close(request: bytes) -> bytes:
+    return request.replace(b"Host: 1\r\n", b"Host: 1\r\nConnection: close\r\n", 1)
+
+
+def test_a_40_kib_head_in_two_reads_is_served(shared_api: ApiProcess) -> None:
+    """A head under 64 KiB is served however it is cut into reads (each byte counted once)."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 1\r\nConnection: close\r\n" + b"".join(b"X-F%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))
+    received = _exchange(shared_api.port, head, 0.3, b"\r\n")
+    assert received.startswith(b"HTTP/1.1 200 "), received[:200]
+
+
+def test_an_oversized_head_pipelined_after_a_valid_request_waits_for_its_answer(shared_api: ApiProcess) -> None:
+    valid = b"GET /healthz HTTP/1.1\r\nHost: 1\r\n\r\n"
+    huge = b"GET /healthz HTTP/1.1\r\nHost: 1\r\nX-Filler: " + b"a" * 70_000 + b"\r\n\r\n"
+    received = _exchange(shared_api.port, valid + huge)
+    assert received.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in received, received[:300]
+    assert received.count(b"HTTP/1.1 ") == 2
+
+
+@pytest.mark.parametrize("path", [b"/v1/score", b"/healthz"])
+def test_a_malformed_chunked_body_gets_one_400_at_once(shared_api: ApiProcess, path: bytes) -> None:
+    """The parser stops inside the request's own body: the 400 is that request's one answer,
+    at once (not a 408 after the read timeout, not its answer and then a 400)."""
+    request = b"POST " + path + b" HTTP/1.1\r\nHost: 1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    started = time.monotonic()
+    received = _exchange(shared_api.port, request)
+    assert received.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1 ") == 1, received[:300]
+    assert time.monotonic() - started < 2.0
+
+
+def test_hundreds_of_pipelined_upgrade_requests_are_all_answered(shared_api: ApiProcess) -> None:
+    """Each ignored Upgrade hands what follows it to a fresh parser, in a loop (once a recursion)."""
+    one = b"GET /healthz HTTP/1.1\r\nHost: 1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    received = _exchange(shared_api.port, one * 399 + _close(one))
+    assert received.count(b"HTTP/1.1 200 ") == 400
+
+
+def test_a_413_with_a_request_pipelined_behind_it_logs_no_error(start_api, tmp_path: Path) -> None:
+    """The 413 closes the connection; the request behind it is never started (nothing is written
+    after the lingering close's end-of-stream, which once raised inside the application)."""
+    api = start_api(ApiSettings(api_max_body_bytes=4096, api_max_text_bytes=200))
+    big = b"POST /v1/score HTTP/1.1\r\nHost: 1\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    after = b"GET /healthz HTTP/1.1\r\nHost: 1\r\nContent-Length: 100\r\n\r\nabc"
+    received = _exchange(api.port, big + after)
+    assert received.startswith(b"HTTP/1.1 413 ") and received.count(b"HTTP/1.1 ") == 1, received[:300]
+    assert api.log_path is not None
+    assert "Exception in ASGI" not in api.log_path.read_text(errors="replace")
