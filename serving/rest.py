@@ -122,6 +122,8 @@ def model_route(
         spec = request.model_spec
         spec.name = urllib.parse.unquote(name)
         if version is not None:
+            if int(version) > 2**63 - 1:  # the field is an int64
+                return error_reply(grpc.StatusCode.INVALID_ARGUMENT, f"Failed to convert version: {version[:40]}")
             spec.version.value = int(version)
         if label is not None:
             spec.version_label = urllib.parse.unquote(label)

@@ -38,31 +38,49 @@ class SignatureError(ValueError):
     """A request does not fit the signature (key, dtype, shape): TF Serving's INVALID_ARGUMENT."""
 
 
-def list_versions(base_path: str | os.PathLike) -> list[int]:
-    """Integer version directories under a TF Serving base path that hold a saved_model.pb."""
+MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
+
+
+def version_dirs(base_path: str | os.PathLike) -> dict[int, Path]:
+    """The version directories under a TF Serving base path that hold a saved_model.pb, by version.
+
+    As TF Serving reads them: a name of ASCII digits that fits an int64 (`002` is version 2, from
+    `002`); any other name (`²`, `1e3`, a 20-digit number) is not a version and is skipped, so a
+    stray directory can neither stop new versions nor become the latest. Where two names give one
+    number, the unpadded one wins.
+    """
     base = Path(base_path)
     if not base.is_dir():
-        return []
-    out = []
+        return {}
+    out: dict[int, Path] = {}
     for child in base.iterdir():
-        if child.name.isdigit() and (child / "saved_model.pb").is_file():
-            out.append(int(child.name))
-    return sorted(out)
+        name = child.name
+        if not (name.isascii() and name.isdigit()) or len(name) > 19 or int(name) > MAX_VERSION:
+            continue
+        if (child / "saved_model.pb").is_file() and (int(name) not in out or name == str(int(name))):
+            out[int(name)] = child
+    return out
+
+
+def list_versions(base_path: str | os.PathLike) -> list[int]:
+    """The version numbers under a TF Serving base path (see `version_dirs`), ascending."""
+    return sorted(version_dirs(base_path))
 
 
 def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> tuple[Path, int]:
     """Accepts a base path (picks `version` or the latest) or a version directory itself."""
     p = Path(path)
     if (p / "saved_model.pb").is_file() and version is None:
-        return p, int(p.name) if p.name.isdigit() else 0
-    versions = list_versions(p)
+        return p, int(p.name) if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION else 0
+    dirs = version_dirs(p)
     if version is not None:
-        if version not in versions:
-            raise ModelNotFound(f"no version {version} under {p} (found {versions})")
-        return p / str(version), version
-    if not versions:
+        if version not in dirs:
+            raise ModelNotFound(f"no version {version} under {p} (found {sorted(dirs)})")
+        return dirs[version], version
+    if not dirs:
         raise ModelNotFound(f"no model version (integer directory with saved_model.pb) under {p}")
-    return p / str(versions[-1]), versions[-1]
+    latest = max(dirs)
+    return dirs[latest], latest
 
 
 class LoadedModel:

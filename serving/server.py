@@ -53,7 +53,7 @@ from esp.errors import ConfigError
 from serving import esp_tfs_pb2, rest
 from serving.batching import BatchingError, BatchingOptions, BatchScheduler
 from serving.model_config import ModelSource, read_model_config
-from serving.saved_model import DEFAULT_SIGNATURE, LoadedModel, SignatureError, list_versions
+from serving.saved_model import DEFAULT_SIGNATURE, LoadedModel, SignatureError, version_dirs
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,16 @@ _NP_TO_DT = {
     np.dtype(np.int64): (types_pb2.DT_INT64, "int64_val"),
     np.dtype(np.bool_): (types_pb2.DT_BOOL, "bool_val"),
 }
+
+
+# A status message quotes what the client sent (a model name, a label, an input key); a client
+# refuses a status header over 16 KiB, and would then see RESOURCE_EXHAUSTED, which it retries,
+# instead of the NOT_FOUND or INVALID_ARGUMENT it should act on. TF Serving cuts at 1024 too.
+MAX_STATUS_MESSAGE = 1024
+
+
+def _status_message(message: str) -> str:
+    return message if len(message) <= MAX_STATUS_MESSAGE else message[: MAX_STATUS_MESSAGE - 12] + "...TRUNCATED"
 
 
 class RequestError(Exception):
@@ -220,7 +230,10 @@ class ServedModel:
         self._lock = threading.Lock()
         self._available: dict[int, LoadedModel] = {}
         self._states: dict[int, VersionState] = {}
-        self._failures: dict[int, int] = {}
+        # Failed loads per version, with the identity of the directory they failed on: a version
+        # copied in again (a half-written upload replaced by a whole one) is tried afresh.
+        self._failures: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._said_none = False
 
     @property
     def name(self) -> str:
@@ -239,12 +252,20 @@ class ServedModel:
     def reconcile(self) -> None:
         """Brings the loaded versions in line with the disk and the policy (one polling pass)."""
         source = self.source
-        on_disk = list_versions(source.base_path)
-        desired = source.desired(on_disk)
+        dirs = version_dirs(source.base_path)
+        if not dirs and not self._said_none:
+            log.warning(
+                "model %s: no versions under %s (a version is a directory named by its number, e.g. %s/1, "
+                "holding saved_model.pb)", source.name, source.base_path, source.base_path.rstrip("/"),
+            )
+        self._said_none = not dirs
+        for version in [v for v in self._failures if v not in dirs or self._failures[v][1] != _identity(dirs[v])]:
+            del self._failures[version]  # gone, or copied in again: worth new attempts
+        desired = source.desired(sorted(dirs))
         for version in sorted(desired - set(self.available_versions()), reverse=True):
-            if self._failures.get(version, 0) >= MAX_LOAD_ATTEMPTS:
+            if self._failures.get(version, (0, ()))[0] >= MAX_LOAD_ATTEMPTS:
                 continue
-            self._load(version)
+            self._load(version, dirs[version])
         with self._lock:
             # Unload only once a wanted version is available: availability is never interrupted.
             if desired & set(self._available):
@@ -258,8 +279,7 @@ class ServedModel:
                 if version not in self._available:
                     log.warning("model %s: label %r points at version %d, which is not available", source.name, label, version)
 
-    def _load(self, version: int) -> None:
-        path = Path(self.source.base_path) / str(version)
+    def _load(self, version: int, path: Path) -> None:
         with self._lock:
             self._states[version] = VersionState(get_model_status_pb2.ModelVersionStatus.LOADING)
         started = time.monotonic()
@@ -267,13 +287,13 @@ class ServedModel:
             model = LoadedModel(path, version)
             warmed = warm_up(model)
         except Exception as exc:
-            self._failures[version] = self._failures.get(version, 0) + 1
+            self._failures[version] = (self._failures.get(version, (0, ()))[0] + 1, _identity(path))
             code = exc.error_code if isinstance(exc, tf.errors.OpError) else grpc.StatusCode.UNKNOWN.value[0]
             with self._lock:
                 self._states[version] = VersionState(get_model_status_pb2.ModelVersionStatus.END, code, str(exc))
             if self._metrics:
                 self._metrics.loads.labels(self.name, "failed").inc()
-            log.error("model %s: loading version %d from %s failed (attempt %d): %s", self.name, version, path, self._failures[version], exc)
+            log.error("model %s: loading version %d from %s failed (attempt %d): %s", self.name, version, path, self._failures[version][0], exc)
             return
         with self._lock:
             self._available[version] = model
@@ -321,6 +341,16 @@ class ServedModel:
                 state = self._states.get(version)
                 return [(version, state)] if state else []
             return sorted(self._states.items())
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What changes when a version directory is replaced or written to: inode and modification time."""
+    try:
+        st = path.stat()
+        pb = (path / "saved_model.pb").stat()
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, pb.st_ino, pb.st_mtime_ns, pb.st_size)
 
 
 def warm_up(model: LoadedModel) -> int:
@@ -433,17 +463,22 @@ class ModelManager:
             return
         self._config_mtime = mtime
         names = {s.name for s in sources}
+        # Copy, change, then swap in one assignment: request threads and health checks iterate
+        # self.models while this runs, and a dict changed under an iteration raises.
+        models = dict(self.models)
         for source in sources:
-            if source.name in self.models:
-                model = self.models[source.name]
+            if source.name in models:
+                model = models[source.name]
                 model.update_source(source)
             else:
-                model = self.models[source.name] = ServedModel(source, self._metrics)
+                model = models[source.name] = ServedModel(source, self._metrics)
+                self.models = {**self.models, source.name: model}  # requests reach it as it loads
             # Load what the new config wants before labels can point at it.
             model.reconcile()
-        for name in set(self.models) - names:
+        for name in set(models) - names:
             log.info("model %s removed from the config", name)
-            del self.models[name]
+            del models[name]
+        self.models = models
         log.info("model config %s applied", self._config_file)
 
     def get(self, name: str) -> ServedModel:
@@ -480,17 +515,17 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             return fn()
         except RequestError as exc:
             code = exc.code
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, _status_message(exc.message))
         except BatchingError as exc:
             code = grpc.StatusCode[exc.code]
-            context.abort(code, str(exc))
+            context.abort(code, _status_message(str(exc)))
         except tf.errors.OpError as exc:
             code = _CODES_BY_NUMBER.get(exc.error_code, grpc.StatusCode.INTERNAL)
-            context.abort(code, exc.message)
+            context.abort(code, _status_message(exc.message))
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
-            context.abort(code, f"{type(exc).__name__}: {exc}")
+            context.abort(code, _status_message(f"{type(exc).__name__}: {exc}"))
         finally:
             if self.metrics:
                 self.metrics.requests.labels(method, code.name).inc()
@@ -594,7 +629,7 @@ def health_handler(is_serving: Callable[[], bool]) -> grpc.GenericRpcHandler:
 
     def check(request: esp_tfs_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> esp_tfs_pb2.HealthCheckResponse:
         if request.service not in HEALTH_SERVICE_NAMES:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            context.abort(grpc.StatusCode.NOT_FOUND, _status_message(f"unknown service {request.service!r}"))
         status = esp_tfs_pb2.HealthCheckResponse.SERVING if is_serving() else esp_tfs_pb2.HealthCheckResponse.NOT_SERVING
         return esp_tfs_pb2.HealthCheckResponse(status=status)
 

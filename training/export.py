@@ -46,7 +46,7 @@ _WARMUP_TEXTS = (
 
 def next_version(base_path: str | os.PathLike[str]) -> int:
     base = Path(base_path)
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.exists() else []
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()] if base.exists() else []
     return max(versions, default=0) + 1
 
 

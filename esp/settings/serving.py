@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from esp.settings.base import require, setting
 
+INT32_MAX = 2**31 - 1  # gRPC's integer options are C ints
 MIB = 1024 * 1024
 
 
@@ -90,7 +91,7 @@ class ModelClientSettings:
             0 < self.model_retry_initial_backoff_s <= self.model_retry_max_backoff_s,
             "retry backoff must satisfy 0 < initial <= max",
         )
-        require(self.model_max_message_bytes >= 4 * MIB, "model_max_message_bytes must be at least 4 MiB")
+        require(4 * MIB <= self.model_max_message_bytes <= INT32_MAX, "model_max_message_bytes must be between 4 MiB and 2147483647 (gRPC's limit)")
         require(self.model_keepalive_s > 0, "model_keepalive_s must be positive")
         require(
             self.model_tls_server_name is None or self.model_tls_root_certs is not None,
@@ -225,6 +226,7 @@ class ModelServerSettings:
             (self.model_base_path is None) != (self.model_config_file is None),
             "give exactly one of model_base_path and model_config_file",
         )
+        require(self.model_base_path != "", "model_base_path must not be empty (it would mean the current directory)")
         require(0 <= self.port <= 65535, "port must be 0..65535")
         require(0 <= self.metrics_port <= 65535, "metrics_port must be 0..65535")
         require(0 <= self.rest_api_port <= 65535, "rest_api_port must be 0..65535")
@@ -240,7 +242,7 @@ class ModelServerSettings:
         require(self.file_system_poll_wait_s >= 0, "file_system_poll_wait_s must not be negative")
         require(self.model_config_file_poll_wait_s >= 0, "model_config_file_poll_wait_s must not be negative")
         require(self.server_threads >= 1, "server_threads must be at least 1")
-        require(self.max_message_bytes >= 4 * MIB, "max_message_bytes must be at least 4 MiB")
+        require(4 * MIB <= self.max_message_bytes <= INT32_MAX, "max_message_bytes must be between 4 MiB and 2147483647 (gRPC's limit)")
         require(self.max_batch_size >= 1, "max_batch_size must be at least 1")
         require(self.max_execution_batch_size >= 1, "max_execution_batch_size must be at least 1")
         require(self.batch_timeout_micros >= 0, "batch_timeout_micros must not be negative")
@@ -261,7 +263,11 @@ class ModelServerSettings:
         for key, value in parse_metadata(self.grpc_channel_arguments, "grpc_channel_arguments", lower=False):
             require(key.startswith("grpc."), f"grpc_channel_arguments: {key!r} is not a gRPC argument (grpc.*)")
             try:
-                pairs.append((key, int(value)))
+                number = int(value)
             except ValueError:
                 pairs.append((key, value))
+                continue
+            # gRPC takes integer arguments as C ints.
+            require(-INT32_MAX - 1 <= number <= INT32_MAX, f"grpc_channel_arguments: {key}={value} is beyond a 32-bit integer")
+            pairs.append((key, number))
         return tuple(pairs)
