@@ -311,11 +311,7 @@ def bounded_httptools(max_head_bytes: int, *, head_timeout_s: float) -> type[Htt
 
         def _head_too_large(self) -> bytes:
             log.warning("a request head over %d bytes from %s: answered 431", max_head_bytes, self.client[0] if self.client else "?")
-            message = f"request head over {max_head_bytes} bytes\n".encode()
-            return (
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message
-            )
+            return _plain_answer(431, "Request Header Fields Too Large", f"request head over {max_head_bytes} bytes\n")
 
         # -- refusals, in order
 

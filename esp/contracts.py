@@ -454,15 +454,22 @@ def _encodes(value: str) -> bool:
     return True
 
 
+def attribute_problem(key: str, value: str) -> str | None:
+    """Why Pub/Sub would refuse this attribute as it is, or None when it takes it."""
+    if not (_encodes(key) and _encodes(value)):
+        return "not valid UTF-8"
+    if not 1 <= _utf8_len(key) <= MAX_ATTRIBUTE_KEY_BYTES:
+        return f"a name must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes"
+    if key.startswith("goog"):
+        return "Pub/Sub refuses names that start with 'goog'"
+    if _utf8_len(value) > MAX_ATTRIBUTE_VALUE_BYTES:
+        return f"a value must be at most {MAX_ATTRIBUTE_VALUE_BYTES} bytes"
+    return None
+
+
 def _attribute_fits(key: str, value: str) -> bool:
     """Whether Pub/Sub takes this attribute as it is."""
-    return (
-        1 <= _utf8_len(key) <= MAX_ATTRIBUTE_KEY_BYTES
-        and _utf8_len(value) <= MAX_ATTRIBUTE_VALUE_BYTES
-        and not key.startswith("goog")
-        and _encodes(key)
-        and _encodes(value)
-    )
+    return attribute_problem(key, value) is None
 
 
 def _field_bytes(payload: int) -> int:

@@ -38,7 +38,7 @@ class SignatureError(ValueError):
     """A request does not fit the signature (key, dtype, shape): TF Serving's INVALID_ARGUMENT."""
 
 
-MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
+MAX_VERSION = 2**63 - 1  # versions are int64 on the wire (serving.rest.MAX_INT64 too)
 
 
 def version_dirs(base_path: str | os.PathLike) -> dict[int, Path]:
@@ -55,10 +55,11 @@ def version_dirs(base_path: str | os.PathLike) -> dict[int, Path]:
     out: dict[int, Path] = {}
     for child in base.iterdir():
         name = child.name
-        if not (name.isascii() and name.isdigit()) or len(name) > 19 or int(name) > MAX_VERSION:
+        if not (name.isascii() and name.isdigit()) or int(name) > MAX_VERSION:
             continue
-        if (child / "saved_model.pb").is_file() and (int(name) not in out or name == str(int(name))):
-            out[int(name)] = child
+        version = int(name)
+        if (child / "saved_model.pb").is_file() and (version not in out or name == str(version)):
+            out[version] = child
     return out
 
 

@@ -346,11 +346,10 @@ class ServedModel:
 def _identity(path: Path) -> tuple[int, ...]:
     """What changes when a version directory is replaced or written to: inode and modification time."""
     try:
-        st = path.stat()
-        pb = (path / "saved_model.pb").stat()
+        directory = path.stat()
+        return (directory.st_ino, directory.st_mtime_ns, *_file_identity(str(path / "saved_model.pb")))
     except OSError:
         return ()
-    return (st.st_ino, st.st_mtime_ns, pb.st_ino, pb.st_mtime_ns, pb.st_size)
 
 
 def warm_up(model: LoadedModel) -> int:

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tensorflow_serving.apis import (
 
 from esp.localstack import free_port
 from serving.local import ModelServerProcess
+from tests.fixtures.model_server import rest_get
 from tests.fixtures.models import export_test_model
 
 # ---------------------------------------------------------------------------------------------
@@ -103,14 +102,6 @@ def _eventually(condition: Callable[[], bool], timeout_s: float, poll_s: float =
             return True
         time.sleep(poll_s)
     return condition()
-
-
-def _rest_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +235,7 @@ def test_a_long_name_in_a_bad_request_gets_its_own_status(rest_server, request_k
 def test_rest_version_beyond_int64_is_a_client_error(rest_server, path):
     """Found: 500 {"error": "internal error (see the log)"} and a traceback in the log
     (ValueError: Value out of range). TF Serving answers 400 "Failed to convert version"."""
-    code, body = _rest_get(rest_server.rest_api_port, path)
+    code, body = rest_get(rest_server, path)
     assert code in (400, 404), (code, body)
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from esp.localstack import free_port
 from serving import esp_tfs_pb2 as pb
 from serving.client import PREDICT_METHOD, TFServingScorer, channel_options, string_tensor
 from serving.local import ModelServerProcess
+from tests.fixtures.model_server import rest_get
 
 MONITORING_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "config" / "monitoring.config"
 METRICS_PATH = "/monitoring/prometheus/metrics"
@@ -40,12 +39,7 @@ def rest_server(test_model_base: Path, tmp_path_factory: pytest.TempPathFactory)
         server.stop()
 
 
-def _get(server: ModelServerProcess, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{path}", timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode()
+_get = rest_get
 
 
 def test_model_status_as_tf_serving_answers_it(rest_server: ModelServerProcess) -> None:
