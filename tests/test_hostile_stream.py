@@ -154,8 +154,10 @@ def test_replay_rate_out_of_range_is_one_line(ready: PubSubSettings, rate: str) 
 def _worker_with(emulator: PubSubEmulator, **overrides: object) -> tuple[Stream, Worker] | None:
     try:
         settings, batching = fast_worker_settings(**overrides)
-    except ConfigError:
-        return None  # refused up front, in one line: what the promise asks
+    except ConfigError as exc:
+        # Refused up front, in one line, for the value itself: what the promise asks.
+        assert any(word in str(exc) for word in ("finite", "at most", "between")), str(exc)
+        return None
     stream = Stream(unique_settings(emulator))
     worker = Worker(SumScorer(), pubsub=stream.settings, settings=settings, batching=batching)
     worker.start()
