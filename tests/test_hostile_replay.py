@@ -1,0 +1,106 @@
+"""`esp dead-letters` against hostile letters and hostile arguments, on the real Pub/Sub emulator.
+
+What a producer (or anyone who can publish to the dead-letter topic) can put in a letter must not
+stop an export or a replay, and a replay must never send letters where they lose their verdict or
+come back for ever. Helpers from tests/test_dead_letters.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from esp.contracts import (
+    ATTR_ENVELOPE,
+    ENVELOPE_MAGIC,
+    UNREADABLE,
+    ErrorType,
+    Stage,
+)
+from tests.test_dead_letters import (
+    FAST,
+    drain,
+    fresh,
+    held,
+    publish_raw,
+    settings_args,
+    worker_dead_letter,
+)
+
+# A comment whose id is a lone surrogate written as a JSON escape: valid UTF-8 bytes on the wire,
+# refused by the contract (unencodable_text), so any producer can put it on the dead-letter topic.
+SURROGATE_BODY = b'{"id": "\\ud800", "text": "hi"}'
+
+
+def _cli(command: str, s: Any, *args: str) -> subprocess.CompletedProcess:
+    """`esp dead-letters COMMAND` as its own process: real stdout, real exit code."""
+    argv = [sys.executable, "-m", "esp.cli.main", "dead-letters", command, *settings_args(s, FAST), *args]
+    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_a_comment_id_utf8_cannot_carry_does_not_stop_export_or_show(emulator: Any, tmp_path: Path) -> None:
+    s = fresh(emulator)
+    [poison_id, plain_id] = publish_raw(s, s.dead_letter_topic, [
+        worker_dead_letter(None, body=SURROGATE_BODY, stage=Stage.VALIDATE, error_type=ErrorType.UNENCODABLE_TEXT,
+                           reason="'id' is not valid Unicode: lone surrogate U+D800 at character 0"),
+        worker_dead_letter("plain-1"),
+    ])  # fmt: skip
+
+    out = tmp_path / "incident.jsonl"
+    exported = _cli("export", s, str(out))
+    assert exported.returncode == 0 and "Traceback" not in exported.stderr, exported.stderr
+    records = {r["message_id"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert set(records) == {poison_id, plain_id}
+    assert records[poison_id]["data"].encode("utf-8") == SURROGATE_BODY, "the body is kept byte for byte"
+
+    shown = _cli("show", s, "--json", poison_id)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    [record] = json.loads(shown.stdout)
+    assert record["data"].encode("utf-8") == SURROGATE_BODY
+    assert len(held(s)) == 2, "looking and exporting consume nothing"
+
+
+def _envelope(attributes_json: bytes, body: bytes) -> tuple[bytes, dict[str, str], str]:
+    """A letter in ESP's envelope form, made by hand: its header holds whatever it was given."""
+    data = ENVELOPE_MAGIC + b'{"attributes":' + attributes_json + b"}\n" + body
+    attrs = {"esp_stage": Stage.SCORE, "esp_error_type": ErrorType.MODEL_REJECTED, "esp_reason": "by hand", ATTR_ENVELOPE: "1"}
+    return data, attrs, ""
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"a":"\\ud800"}',  # a value UTF-8 cannot carry
+        b'{"\\udfff":"v"}',  # a name UTF-8 cannot carry
+        b'{"googlike":"v","goog":"x"}',  # names Pub/Sub refuses
+        b'{"k":"' + b"v" * 1025 + b'"}',  # a value over Pub/Sub's 1,024 bytes
+    ],
+)
+def test_an_envelope_holding_attributes_pubsub_cannot_carry_is_left_and_the_rest_replays(
+    emulator: Any, tmp_path: Path, header: bytes
+) -> None:
+    s = fresh(emulator)
+    [hostile_id, *_] = publish_raw(s, s.dead_letter_topic, [
+        _envelope(header, b'{"id": "env-1", "text": "hi"}'),
+        worker_dead_letter("ok-1"),
+        worker_dead_letter("ok-2"),
+    ])  # fmt: skip
+
+    result = _cli("replay", s)
+    assert "Traceback" not in result.stderr and "STOPPED" not in result.stdout, result.stdout + result.stderr
+    assert "replayed 2" in result.stdout and "1 cannot be replayed" in result.stdout, result.stdout
+    replayed = sorted(json.loads(m.message.data)["id"] for m in drain(s, "tap-" + s.subscription))
+    assert replayed == ["ok-1", "ok-2"]
+
+    # The hostile one is still there, readable, with what went wrong named, and exportable whole.
+    [left] = held(s)
+    assert left.message_id == hostile_id and left.dead_letter.error_type == UNREADABLE and not left.dead_letter.replayable
+    out = tmp_path / "left.jsonl"
+    assert _cli("export", s, str(out)).returncode == 0
+    [record] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert record["data"].encode("utf-8").startswith(ENVELOPE_MAGIC), "the whole envelope is kept as the body"
