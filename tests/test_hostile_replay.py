@@ -17,6 +17,7 @@ import pytest
 
 from esp.contracts import (
     ATTR_ENVELOPE,
+    ATTR_REPLAY_COUNT,
     ENVELOPE_MAGIC,
     UNREADABLE,
     ErrorType,
@@ -28,6 +29,7 @@ from tests.test_dead_letters import (
     fresh,
     held,
     publish_raw,
+    run_cli,
     settings_args,
     worker_dead_letter,
 )
@@ -104,3 +106,41 @@ def test_an_envelope_holding_attributes_pubsub_cannot_carry_is_left_and_the_rest
     assert _cli("export", s, str(out)).returncode == 0
     [record] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert record["data"].encode("utf-8").startswith(ENVELOPE_MAGIC), "the whole envelope is kept as the body"
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (lambda s: ["--to", s.dead_letter_topic], "--to"),
+        (lambda s: ["--to", f"projects/{s.project}/topics/{s.dead_letter_topic}"], "--to"),
+        (lambda s: ["--to", s.scores_topic], "--to"),
+        (lambda s: ["--park-topic", s.comments_topic], "--park-topic"),
+        (lambda s: ["--to", "elsewhere", "--park-topic", s.comments_topic], "--park-topic"),
+        (lambda s: ["--to", "elsewhere", "--park-topic", "elsewhere"], "--park-topic"),
+    ],
+)
+def test_replay_refuses_topics_that_would_lose_the_verdict_or_loop(emulator: Any, args: Any, named: str) -> None:
+    s = fresh(emulator)
+    publish_raw(s, s.dead_letter_topic, [worker_dead_letter("again-1"), worker_dead_letter("loop-1", replay_count=3)])
+    result = _cli("replay", s, *args(s))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in result.stderr, result.stderr
+    letters = {x.comment_id: x.dead_letter for x in held(s)}
+    assert {cid: (d.replay_count, d.parked, d.reason) for cid, d in letters.items()} == {
+        "again-1": (0, False, "model rejected the comment: INVALID_ARGUMENT"),
+        "loop-1": (3, False, "model rejected the comment: INVALID_ARGUMENT"),
+    }, "nothing changed"
+    assert drain(s, "tap-" + s.subscription, idle_s=0.3) == []
+
+
+def test_with_the_default_topics_the_same_letters_replay_and_park(emulator: Any) -> None:
+    """The control for the test above: one letter is replayed to the comments topic, the other parked."""
+    s = fresh(emulator)
+    publish_raw(s, s.dead_letter_topic, [worker_dead_letter("again-1"), worker_dead_letter("loop-1", replay_count=3)])
+    result = run_cli("replay", s)
+    assert result.exit_code == 0 and "replayed 1" in result.stdout and "parked 1" in result.stdout, result.output
+    [msg] = drain(s, "tap-" + s.subscription)
+    assert json.loads(msg.message.data)["id"] == "again-1" and msg.message.attributes[ATTR_REPLAY_COUNT] == "1"
+    [letter] = held(s)
+    assert letter.comment_id == "loop-1" and letter.dead_letter.parked and letter.dead_letter.replay_count == 3
