@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -153,12 +154,20 @@ class DeadRow:
         return json.dumps(record, ensure_ascii=False)
 
     def to_row(self, run_id: str, source: str) -> dict[str, Any]:
+        body, reason = self.text(), self.reason
+        encoded = body.encode("utf-8")
+        if len(encoded) > bq.MAX_DEAD_LETTER_BODY_BYTES:
+            body = encoded[: bq.MAX_DEAD_LETTER_BODY_BYTES].decode("utf-8", errors="ignore")
+            reason += (
+                f" [body cut to its first {len(body.encode('utf-8'))} bytes for the table: the input is "
+                f"{len(self.body)} bytes, sha256 {hashlib.sha256(self.body).hexdigest()}]"
+            )
         return {
             "id": self.id,
-            "body": self.text(),
+            "body": body,
             "stage": self.stage,
             "error_type": self.error_type,
-            "reason": self.reason,
+            "reason": reason,
             "dead_lettered_at": self.time,
             "run_id": run_id,
             "source": source,

@@ -48,6 +48,11 @@ DEAD_LETTER_COLUMNS = ("id", "body", "stage", "error_type", "reason", "dead_lett
 # One AppendRows request must stay under 10 MB; stay well inside it.
 APPEND_MAX_BYTES = 8 * 1024 * 1024
 APPEND_MAX_ROWS = 10_000
+# A dead letter's body in the dead-letters table is cut to this many bytes. A row must fit in one
+# AppendRows request (10 MB), and the body of a row over --max-body-bytes is as large as the input
+# made it: one huge source row used to fail the whole run at the write. The cut row says so in its
+# reason, with the whole input's size and SHA-256; the input itself stays where it was read from.
+MAX_DEAD_LETTER_BODY_BYTES = 1024 * 1024
 # BatchCommitWriteStreams takes a list of streams; commit them in slices of this many.
 COMMIT_CHUNK = 1000
 
