@@ -760,16 +760,9 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         for project, dataset in sorted(datasets):
             client.get_dataset(f"{project}.{dataset}", **quick)
         if plan.sink is not None:
-            try:
-                scores = client.get_table(str(plan.sink.scores), **quick)
-            except gexc.NotFound:
-                scores = None
-            if scores is not None:
-                types = {f.name: bq._canonical_type(f.field_type) for f in scores.schema}
-                if types.get(bq.ID) != "STRING" or types.get(bq.MODEL_VERSION) != "INT64":
-                    raise ConfigError(
-                        f"{plan.sink.scores} exists but is not a scores table (needs id STRING and model_version INT64)"
-                    )
+            # The labels are the model's, known once it scores: here, the columns every scores row has.
+            _check_existing_table(client, plan.sink.scores, bq.scores_columns([]), quick)
+            _check_existing_table(client, plan.sink.dead_letters, bq.DEAD_LETTER_SCHEMA, quick)
     except gexc.NotFound as exc:
         raise ConfigError(f"BigQuery: {exc.message}") from None
     except gexc.GoogleAPICallError as exc:
@@ -778,6 +771,24 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         raise ServiceUnreachable(f"cannot reach BigQuery at {where}: {exc}") from None
     finally:
         client.close()
+
+
+def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.Column], quick: dict[str, Any]) -> None:
+    """An existing table the run writes must take its rows; else the run would fail at its end."""
+    from google.api_core import exceptions as gexc
+
+    from esp.errors import ConfigError
+
+    try:
+        existing = client.get_table(str(table), **quick)
+    except gexc.NotFound:
+        return  # the run creates it
+    unfit = bq.unfit_columns(bq.columns_of(existing), wanted)
+    if unfit:
+        raise ConfigError(
+            f"{table} exists but cannot take this run's rows: columns {', '.join(unfit)} "
+            f"(it needs {bq.describe_columns(wanted)}; other columns NULLABLE)"
+        )
 
 
 def _tables_written(plan: _BigQueryPlan) -> list[bq.TableRef]:

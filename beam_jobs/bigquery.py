@@ -228,12 +228,38 @@ def _schema_fields(columns: Sequence[Column]) -> list[Any]:
     return [bigquery.SchemaField(c.name, c.type, mode=c.mode, description=c.description) for c in columns]
 
 
-def _columns_of(table: Any) -> list[Column]:
+def columns_of(table: Any) -> list[Column]:
     return [Column(f.name, _canonical_type(f.field_type), f.mode or "NULLABLE") for f in table.schema]
 
 
 def _canonical_type(t: str) -> str:
     return {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL"}.get(t.upper(), t.upper())
+
+
+def unfit_columns(have: Sequence[Column], wanted: Sequence[Column], *, can_add: bool = False) -> list[str]:
+    """The columns that keep rows of `wanted` out of a table that has `have`, by name.
+
+    A wanted column must be there with its type and repetition (or, with `can_add`, be NULLABLE: such a
+    column, a label the table lacks, is added before the MERGE); a REQUIRED column of the table must be
+    one the rows always fill. A table that fails this fails the write or the MERGE, after the whole run
+    was scored.
+    """
+    by_name = {c.name: c for c in have}
+    filled = {c.name for c in wanted if c.mode == "REQUIRED"}
+    unfit = []
+    for c in wanted:
+        there = by_name.get(c.name)
+        if there is None:
+            if not (can_add and c.mode == "NULLABLE"):
+                unfit.append(c.name)
+        elif there.type != c.type or (there.mode == "REPEATED") != (c.mode == "REPEATED"):
+            unfit.append(c.name)
+    unfit += [c.name for c in have if c.mode == "REQUIRED" and c.name not in filled]
+    return unfit
+
+
+def describe_columns(columns: Sequence[Column]) -> str:
+    return ", ".join(f"{c.name} {c.type}" + (f" {c.mode}" if c.mode != "NULLABLE" else "") for c in columns)
 
 
 def ensure_table(
@@ -261,9 +287,9 @@ def ensure_table(
     try:
         created = client.create_table(table)
         log.info("created table %s", ref)
-        return _columns_of(created)
+        return columns_of(created)
     except gexc.Conflict:
-        return _columns_of(client.get_table(str(ref)))
+        return columns_of(client.get_table(str(ref)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,10 +604,9 @@ class WriteRows(beam.DoFn):
         have = ensure_table(
             self._rest, self._table, wanted, partition_field=self._partition_field, clustering=self._clustering, expires=expires
         )
-        by_name = {c.name: c for c in have}
-        missing = [c.name for c in wanted if c.name not in by_name or by_name[c.name].type != c.type]
-        if missing:
-            raise ConfigError(f"table {self._table} lacks the columns {missing} (or has them with another type)")
+        unfit = unfit_columns(have, wanted)
+        if unfit:
+            raise ConfigError(f"table {self._table} cannot take these rows: columns {unfit} (wanted: {describe_columns(wanted)})")
         return wanted
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
@@ -649,7 +674,7 @@ class Finalize(beam.DoFn):
 
     def _merge(self, rest: Any) -> int:
         plan = self._plan
-        staging_columns = _columns_of(rest.get_table(str(plan.staging)))
+        staging_columns = columns_of(rest.get_table(str(plan.staging)))
         target_columns = ensure_table(
             rest, plan.scores, staging_columns, partition_field="scored_at", clustering=(MODEL_VERSION, ID)
         )
@@ -662,10 +687,10 @@ class Finalize(beam.DoFn):
         return affected
 
     def _add_missing_labels(self, rest: Any, staging: Sequence[Column], target: Sequence[Column]) -> None:
-        have = {c.name: c for c in target}
-        clashes = [c.name for c in staging if c.name in have and have[c.name].type != c.type]
-        if clashes:
-            raise ConfigError(f"scores table {self._plan.scores} has columns {clashes} of another type than the scores")
+        unfit = unfit_columns(target, staging, can_add=True)
+        if unfit:
+            raise ConfigError(f"scores table {self._plan.scores} cannot take the scores: columns {unfit}")
+        have = {c.name for c in target}
         missing = [c for c in staging if c.name not in have]
         if not missing:
             return

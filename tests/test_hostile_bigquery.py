@@ -11,9 +11,45 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from beam_jobs import bigquery as bq
 from beam_jobs.backfill import run
-from tests.test_backfill_bigquery import _config, _query
+from tests.fixtures.models import TEST_LABELS
+from tests.test_backfill_bigquery import _cli, _client, _config, _query
+
+
+def _create(emulator: Any, table: str, schema: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    from google.cloud import bigquery
+
+    client = _client(emulator)
+    try:
+        client.create_table(bigquery.Table(table, schema=[bigquery.SchemaField(n, t, mode=m) for n, t, m in schema]))
+        return _schema(emulator, table)
+    finally:
+        client.close()
+
+
+def _schema(emulator: Any, table: str) -> list[tuple[str, str, str]]:
+    client = _client(emulator)
+    try:
+        return [(f.name, f.field_type, f.mode) for f in client.get_table(table).schema]
+    finally:
+        client.close()
+
+
+def _cli_args(emulator: Any, model: Path) -> list[str]:
+    return ["--backend", "saved_model", "--saved-model-dir", str(model),
+            "--bigquery-api-endpoint", emulator.api_endpoint,
+            "--bigquery-storage-endpoint", emulator.storage_endpoint, "--runner=DirectRunner"]  # fmt: skip
+
+
+def _one_line_refusal(result: Any, *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = [x for x in result.stderr.strip().splitlines() if x.startswith("esp: error:")]
+    for word in words:
+        assert word in line, line
 
 
 def test_a_row_too_large_for_one_write_is_dead_lettered_and_the_run_goes_on(
@@ -32,3 +68,64 @@ def test_a_row_too_large_for_one_write_is_dead_lettered_and_the_run_goes_on(
     whole = ('{"id": "big-1", "text": "' + "a" * huge + '"}').encode()
     assert len(dead["body"].encode()) <= bq.MAX_DEAD_LETTER_BODY_BYTES and whole.startswith(dead["body"].encode())
     assert str(len(whole)) in dead["reason"] and hashlib.sha256(whole).hexdigest() in dead["reason"]
+
+
+# A scores table as ESP makes one for the test model; each case below spoils one column of it.
+SCORES_SCHEMA = [
+    ("id", "STRING", "REQUIRED"), *((label, "FLOAT", "NULLABLE") for label in TEST_LABELS), ("flags", "STRING", "REPEATED"),
+    ("truncated", "BOOLEAN", "NULLABLE"), ("model_name", "STRING", "NULLABLE"), ("model_version", "INTEGER", "REQUIRED"),
+    ("scored_at", "TIMESTAMP", "REQUIRED"), ("run_id", "STRING", "NULLABLE"),
+]  # fmt: skip
+
+
+def _spoilt(name: str, column: tuple[str, str, str] | None) -> list[tuple[str, str, str]]:
+    """SCORES_SCHEMA with the column `name` replaced by `column` (None: left out; a new name: added)."""
+    schema = [c for c in SCORES_SCHEMA if c[0] != name]
+    return schema + [column] if column else schema
+
+
+@pytest.mark.parametrize(
+    "schema, named",
+    [
+        # flags must be ARRAY<STRING>, not a plain STRING.
+        (_spoilt("flags", ("flags", "STRING", "NULLABLE")), "flags"),
+        # An older table without flags: added as a plain column it would not take the scores either.
+        (_spoilt("flags", None), "flags"),
+        # A REQUIRED column the scores never fill: every INSERT of the MERGE fails.
+        (_spoilt("tenant", ("tenant", "STRING", "REQUIRED")), "tenant"),
+        (_spoilt("scored_at", ("scored_at", "STRING", "NULLABLE")), "scored_at"),
+        (_spoilt("id", ("id", "INTEGER", "REQUIRED")), "id"),
+        (_spoilt("model_version", None), "model_version"),
+    ],
+)
+def test_an_existing_scores_table_that_cannot_take_the_scores_is_refused_before_the_run(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path, schema: list, named: str
+) -> None:
+    source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
+    before = _create(bigquery_emulator, scores, schema)
+    result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base), timeout=120)
+    _one_line_refusal(result, scores, named)
+    assert _schema(bigquery_emulator, scores) == before, "the table is left as it was"
+
+
+def test_an_existing_scores_table_that_can_take_the_scores_is_merged_into(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path
+) -> None:
+    """The control for the test above: the same table, unspoilt."""
+    source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
+    _create(bigquery_emulator, scores, SCORES_SCHEMA)
+    result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base))
+    assert result.returncode == 0 and "merged 1" in result.stdout, result.stderr[-3000:]
+
+
+def test_an_existing_dead_letters_table_of_another_schema_is_refused_before_the_run(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path
+) -> None:
+    source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, '   ' AS text")  # a dead letter
+    dead = _create(bigquery_emulator, f"{scores}_dead_letters", [("id", "STRING", "NULLABLE"), ("reason", "INT64", "NULLABLE")])
+    result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base), timeout=120)
+    _one_line_refusal(result, f"{scores}_dead_letters", "reason")
+    assert _schema(bigquery_emulator, f"{scores}_dead_letters") == dead
