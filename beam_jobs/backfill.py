@@ -756,6 +756,8 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
                     f"table {source.table} has no column {', '.join(missing)} (it has: {', '.join(sorted(names))}); "
                     "see --id-column / --text-column"
                 )
+        if source is not None and source.query is not None:
+            _check_query(client, source, quick)
         datasets = {(t.project, t.dataset) for t in _tables_written(plan)}
         for project, dataset in sorted(datasets):
             client.get_dataset(f"{project}.{dataset}", **quick)
@@ -771,6 +773,29 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         raise ServiceUnreachable(f"cannot reach BigQuery at {where}: {exc}") from None
     finally:
         client.close()
+
+
+def _check_query(client: Any, source: bq.BigQuerySource, quick: dict[str, Any]) -> None:
+    """A dry run of the source query (free on BigQuery): a query that does not parse, or that lacks the
+    two columns, is one line here, not a failure inside the job after it started."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    from esp.errors import ConfigError
+
+    try:
+        job = client.query(source.select_sql, job_config=bigquery.QueryJobConfig(dry_run=True), api_method="QUERY", **quick)
+    except gexc.BadRequest as exc:
+        raise ConfigError(f"--bq-query: {exc.message}") from None
+    if job.schema is None:
+        return  # no schema in the answer: the read session names a missing column soon enough
+    names = [f.name for f in job.schema]
+    missing = [c for c in (source.id_column, source.text_column) if c not in names]
+    if missing:
+        raise ConfigError(
+            f"--bq-query returns no column {', '.join(missing)} (it returns: {', '.join(names) or 'no columns'}); "
+            "see --id-column / --text-column"
+        )
 
 
 def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.Column], quick: dict[str, Any]) -> None:

@@ -460,6 +460,11 @@ class BigQuerySource:
     def describe(self) -> str:
         return str(self.table) if self.table is not None else "query"
 
+    @property
+    def select_sql(self) -> str:
+        """The query as one statement, as it is run: a trailing `;` would end the CREATE TABLE around it."""
+        return (self.query or "").strip().rstrip(";")
+
 
 @dataclasses.dataclass(frozen=True)
 class ReadTask:
@@ -505,7 +510,7 @@ class PlanRead(beam.DoFn):
         if target is None or source.query is None:
             raise ConfigError("a query source needs a table to materialise into")
         client = rest_client(self._settings, self._project)
-        query = source.query.strip().rstrip(";")
+        query = source.select_sql
         expires = f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {int(self._expiration_h)} HOUR)"
         sql = f"CREATE OR REPLACE TABLE {target.sql} OPTIONS (expiration_timestamp = {expires}) AS\n{query}"
         log.info("materialising the source query into %s", target)

@@ -129,3 +129,31 @@ def test_an_existing_dead_letters_table_of_another_schema_is_refused_before_the_
     result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base), timeout=120)
     _one_line_refusal(result, f"{scores}_dead_letters", "reason")
     assert _schema(bigquery_emulator, f"{scores}_dead_letters") == dead
+
+
+@pytest.mark.parametrize(
+    "query, words",
+    [
+        ("SELECT id FROM `{src}`", ["--bq-query", "no column text"]),
+        ("SELECT id AS text, text AS body FROM `{src}`", ["--bq-query", "no column id"]),
+        ("SELEC id, text FROM `{src}`", ["--bq-query"]),
+    ],
+)
+def test_a_query_that_fails_or_lacks_the_columns_is_one_line_before_the_run(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path, query: str, words: list[str]
+) -> None:
+    source = f"{bq_dataset}.src"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
+    args = ["--bq-query", query.format(src=source), "--bq-scores-table", f"{bq_dataset}.scores"]
+    _one_line_refusal(_cli(*args, *_cli_args(bigquery_emulator, test_model_base), timeout=120), *words)
+    client = _client(bigquery_emulator)
+    assert {t.table_id for t in client.list_tables(bq_dataset)} == {"src"}, "nothing was created"
+    client.close()
+
+
+def test_a_query_that_returns_no_rows_finishes_cleanly(bigquery_emulator: Any, bq_dataset: str, test_model_base: Path) -> None:
+    source = f"{bq_dataset}.src"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
+    args = ["--bq-query", f"SELECT id, text FROM `{source}` WHERE FALSE", "--bq-scores-table", f"{bq_dataset}.scores"]
+    result = _cli(*args, *_cli_args(bigquery_emulator, test_model_base))
+    assert result.returncode == 0 and "read 0, scored 0, dead-lettered 0" in result.stdout, result.stderr[-3000:]
