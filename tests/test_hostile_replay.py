@@ -19,6 +19,7 @@ from esp.contracts import (
     ATTR_ENVELOPE,
     ATTR_REPLAY_COUNT,
     ENVELOPE_MAGIC,
+    MAX_REPLAY_COUNT,
     UNREADABLE,
     ErrorType,
     Stage,
@@ -144,3 +145,19 @@ def test_with_the_default_topics_the_same_letters_replay_and_park(emulator: Any)
     assert json.loads(msg.message.data)["id"] == "again-1" and msg.message.attributes[ATTR_REPLAY_COUNT] == "1"
     [letter] = held(s)
     assert letter.comment_id == "loop-1" and letter.dead_letter.parked and letter.dead_letter.replay_count == 3
+
+
+def test_a_letter_replayed_as_often_as_a_count_is_believed_is_not_replayed_again(emulator: Any) -> None:
+    """esp_replay_count is read up to 1000 (contracts.MAX_REPLAY_COUNT). Sent with 1001, the comment
+    came back as a fresh letter with count 0 (the 1001 read as the producer's own attribute), so a
+    poison forced on with --include-parked started its history again and cycled for ever."""
+    s = fresh(emulator)
+    publish_raw(s, s.dead_letter_topic, [worker_dead_letter("worn-1", replay_count=MAX_REPLAY_COUNT, parked=True),
+                                         worker_dead_letter("worn-2", replay_count=MAX_REPLAY_COUNT - 1, parked=True)])
+    result = run_cli("replay", s, "--include-parked")
+    assert result.exit_code == 0, result.output
+    assert "replayed 1" in result.stdout and "1 cannot be replayed" in result.stdout, result.stdout
+    [msg] = drain(s, "tap-" + s.subscription)
+    assert json.loads(msg.message.data)["id"] == "worn-2" and msg.message.attributes[ATTR_REPLAY_COUNT] == str(MAX_REPLAY_COUNT)
+    [left] = held(s)
+    assert left.comment_id == "worn-1" and left.dead_letter.replay_count == MAX_REPLAY_COUNT and left.dead_letter.parked

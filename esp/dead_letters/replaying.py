@@ -26,7 +26,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from esp.contracts import ATTR_REPLAY_COUNT, MAX_ATTRIBUTES, MAX_PUBLISH_REQUEST_BYTES, pubsub_message_bytes
+from esp.contracts import (
+    ATTR_REPLAY_COUNT,
+    MAX_ATTRIBUTES,
+    MAX_PUBLISH_REQUEST_BYTES,
+    MAX_REPLAY_COUNT,
+    pubsub_message_bytes,
+)
 from esp.dead_letters.filters import PARKED_EXCLUDE, Filter
 from esp.dead_letters.hold import HoldSession, holding, scan_note
 from esp.dead_letters.letters import Letter
@@ -118,7 +124,8 @@ class ReplayResult:
         if self.not_replayable:
             extras.append(
                 f"{self.not_replayable} cannot be replayed as the producer sent them and are left as they are "
-                "(the log says why: a body the dead letter could not keep whole, or no room for the replay count; "
+                "(the log says why: a body the dead letter could not keep whole, no room for the replay count, or "
+                "replayed as often as the count can say; "
                 "docs/dead-letters.md)"
             )
         if self.skipped_filter:
@@ -295,6 +302,11 @@ def _cannot_replay(letter: Letter) -> str | None:
         return d.kept_note()
     if len({**d.attributes, ATTR_REPLAY_COUNT: ""}) > MAX_ATTRIBUTES:
         return f"the comment has {len(d.attributes)} attributes: no room for {ATTR_REPLAY_COUNT} (export it instead)"
+    if d.replay_count >= MAX_REPLAY_COUNT:
+        # A higher count is not believed when the comment comes back (it reads as the producer's own
+        # attribute, count 0): its history would start again, and a poison forced on with
+        # --include-parked would cycle for ever.
+        return f"replayed {d.replay_count} times already, the most {ATTR_REPLAY_COUNT} counts (export it instead)"
     return None
 
 
