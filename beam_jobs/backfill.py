@@ -41,7 +41,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs import bigquery as bq
 from beam_jobs.options import new_pipeline, pipeline_options
 from esp.batcher import length_sorted_batches
-from esp.contracts import Comment, ErrorType, InvalidComment, Score, Stage, comment_from_fields, parse_comment, utc_now
+from esp.contracts import (
+    MAX_ID_CHARS,
+    Comment,
+    ErrorType,
+    InvalidComment,
+    Score,
+    Stage,
+    comment_from_fields,
+    parse_comment,
+    utc_now,
+)
 from esp.errors import EspError
 from esp.scoring import Canary, Rejected, Scored, Scorer, score_isolating
 from esp.settings import BackfillSettings, BigQuerySettings, ModelClientSettings, PubSubSettings
@@ -278,7 +288,10 @@ class ValidateRow(_Counted):
         except InvalidComment as exc:
             self.count("dead-lettered")
             body = _row_body(cid, text)
-            readable_id = cid if isinstance(cid, str) else None
+            # Only an id the contract could take goes into the id column: a source row's id can be as
+            # large as BigQuery holds (100 MB), and a dead letter must fit in one 10 MB write (the
+            # body keeps the start of it).
+            readable_id = cid if isinstance(cid, str) and len(cid) <= MAX_ID_CHARS else None
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTERS, DeadRow(body, Stage.VALIDATE, exc.error_type, exc.reason, utc_now(), readable_id)
             )

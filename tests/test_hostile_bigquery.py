@@ -15,6 +15,7 @@ import pytest
 
 from beam_jobs import bigquery as bq
 from beam_jobs.backfill import run
+from esp.contracts import MAX_ID_CHARS
 from tests.fixtures.models import TEST_LABELS
 from tests.test_backfill_bigquery import _cli, _client, _config, _query
 
@@ -68,6 +69,21 @@ def test_a_row_too_large_for_one_write_is_dead_lettered_and_the_run_goes_on(
     whole = ('{"id": "big-1", "text": "' + "a" * huge + '"}').encode()
     assert len(dead["body"].encode()) <= bq.MAX_DEAD_LETTER_BODY_BYTES and whole.startswith(dead["body"].encode())
     assert str(len(whole)) in dead["reason"] and hashlib.sha256(whole).hexdigest() in dead["reason"]
+
+
+def test_an_id_too_large_for_one_write_is_dead_lettered_and_the_run_goes_on(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path
+) -> None:
+    """The same for a huge id: the dead letter's id column keeps only an id the contract could take."""
+    source, scores = f"{bq_dataset}.big", f"{bq_dataset}.scores"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT REPEAT('i', 10600000) AS id, 'hello' AS text "
+                              "UNION ALL SELECT 'ok-1' AS id, 'thank you' AS text "
+                              f"UNION ALL SELECT REPEAT('j', {MAX_ID_CHARS + 1}) AS id, 'hello' AS text")  # fmt: skip
+
+    summary = run(_config(bigquery_emulator, bq_table=source, bq_scores_table=scores, saved_model_dir=str(test_model_base)))
+    assert (summary.read, summary.scored, summary.dead_lettered, summary.merged) == (3, 1, 2, 1)
+    dead = _query(bigquery_emulator, f"SELECT id, error_type, body FROM `{scores}_dead_letters`")
+    assert sorted((d["id"], d["error_type"], d["body"][8]) for d in dead) == [(None, "invalid_id", "i"), (None, "invalid_id", "j")]
 
 
 # A scores table as ESP makes one for the test model; each case below spoils one column of it.
