@@ -115,6 +115,7 @@ def test_an_envelope_holding_attributes_pubsub_cannot_carry_is_left_and_the_rest
         (lambda s: ["--to", s.dead_letter_topic], "--to"),
         (lambda s: ["--to", f"projects/{s.project}/topics/{s.dead_letter_topic}"], "--to"),
         (lambda s: ["--to", s.scores_topic], "--to"),
+        (lambda s: ["--to", ""], "--to"),  # `--to "$TOPIC"` with TOPIC unset replayed to the comments topic
         (lambda s: ["--park-topic", s.comments_topic], "--park-topic"),
         (lambda s: ["--to", "elsewhere", "--park-topic", s.comments_topic], "--park-topic"),
         (lambda s: ["--to", "elsewhere", "--park-topic", "elsewhere"], "--park-topic"),

@@ -185,6 +185,9 @@ def replay(
     only once Pub/Sub has stored its republished copy."""
     from google.pubsub_v1 import PublisherClient
 
+    if to_topic is not None and not to_topic.strip():
+        # `--to "$TOPIC"` with TOPIC unset: replaying to the comments topic instead is not what was asked.
+        raise ConfigError("--to is empty: name the topic to replay to, or leave --to out for the comments topic")
     to_path = _topic_path(settings, to_topic or settings.comments_topic)
     park_path = _topic_path(settings, dl_settings.park_topic or settings.dead_letter_topic)
     _refuse_lossy_topics(settings, to_path, park_path)
