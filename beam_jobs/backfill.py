@@ -821,6 +821,9 @@ def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.C
         existing = client.get_table(str(table), **quick)
     except gexc.NotFound:
         return  # the run creates it
+    if existing.table_type != "TABLE":
+        # A view (or snapshot, external table) can have the right columns, and still take no rows.
+        raise ConfigError(f"{table} exists but is a {existing.table_type}, not a table: rows cannot be written to it")
     unfit = bq.unfit_columns(bq.columns_of(existing), wanted)
     if unfit:
         raise ConfigError(

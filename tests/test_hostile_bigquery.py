@@ -136,6 +136,20 @@ def test_an_existing_scores_table_that_can_take_the_scores_is_merged_into(
     assert result.returncode == 0 and "merged 1" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("which", ["scores", "scores_dead_letters"])
+def test_a_view_in_place_of_the_scores_or_dead_letters_table_is_refused_before_the_run(
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path, which: str
+) -> None:
+    """A view over a table of the right schema passes every column check, and cannot be written."""
+    source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
+    _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, '   ' AS text UNION ALL SELECT 'b', 'hello'")
+    schema = SCORES_SCHEMA if which == "scores" else [(c.name, c.type, c.mode) for c in bq.DEAD_LETTER_SCHEMA]
+    _create(bigquery_emulator, f"{bq_dataset}.underneath", schema)
+    _query(bigquery_emulator, f"CREATE VIEW `{bq_dataset}.{which}` AS SELECT * FROM `{bq_dataset}.underneath`")
+    result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base), timeout=120)
+    _one_line_refusal(result, f"{bq_dataset}.{which}", "VIEW")
+
+
 def test_an_existing_dead_letters_table_of_another_schema_is_refused_before_the_run(
     bigquery_emulator: Any, bq_dataset: str, test_model_base: Path
 ) -> None:
