@@ -37,7 +37,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.options import new_pipeline, pipeline_options
-from esp.settings.training import label_problem
+from esp.contracts import loads_json
+from esp.settings.training import columns_problem, label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class PrepareConfig:
             raise ValueError("at least one input pattern is required")
         if not self.label_columns:
             raise ValueError("at least one label column is required")
-        problem = label_problem(tuple(self.label_columns))
+        problem = label_problem(tuple(self.label_columns)) or columns_problem(self.id_column, self.text_column, tuple(self.label_columns))
         if problem:
             raise ValueError(problem)
         if self.input_format not in ("auto", "csv", "jsonl"):

@@ -1,0 +1,155 @@
+"""Hostile label names and label files on the "Add ML Endpoint" surface (docs/training.md, section 7).
+
+`esp prepare-data` and `esp train` take any CSV or JSONL and any label columns; everything downstream
+takes its names from the model's signature. The promise: a name or a file that cannot work is
+refused early, in one line naming the column (non-zero exit, no traceback), a bad row is a reject
+with its reason, and a model with odd labels that someone else exported never makes one label's
+score land under another label's name or over a field of the score row.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api import perspective as pv
+from beam_jobs.prepare_data import PrepareConfig, run
+from esp.contracts import Score
+from esp.errors import ConfigError
+from esp.settings.training import label_problem
+
+
+def _esp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_")}
+    return subprocess.run([sys.executable, "-m", "esp.cli.main", *args], check=False, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # TensorFlow's own start-up lines may come first; ESP's answer is one line of its own.
+    lines = [line for line in result.stderr.splitlines() if line.startswith("esp:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def _tickets(n: int, spam=lambda i: i % 3 == 0, urgent=lambda i: i % 4 == 0) -> list[dict]:
+    return [{"body": f"ticket number {i} about thing {i * 7}", "spam": int(spam(i)), "urgent": int(urgent(i))} for i in range(n)]
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]], *, bom: bool = False) -> Path:
+    with open(path, "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _config(path: Path, out: Path, labels: tuple[str, ...] = ("spam", "urgent")) -> PrepareConfig:
+    return PrepareConfig(input_patterns=(str(path),), output_dir=str(out), id_column="", text_column="body", label_columns=labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label names: refused at prepare-data, before anything is read
+
+
+@pytest.mark.parametrize(
+    "labels, named",
+    [
+        (("toxic", "TOXIC"), "TOXIC"),  # one Perspective attribute, one BigQuery column
+        (("spam", "Spam"), "Spam"),
+        (("spam", "id"), "id"),  # the scores table's id column: its score would overwrite the comment id
+        (("Flags",), "Flags"),  # the scores table's flags would overwrite its score
+        (("model_version",), "model_version"),
+        (("SCORED_AT",), "SCORED_AT"),
+        (("run_id",), "run_id"),
+    ],
+)
+def test_labels_that_collide_downstream_are_refused_in_one_line(tmp_path: Path, labels: tuple[str, ...], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        PrepareConfig(input_patterns=("x.csv",), output_dir=str(tmp_path), label_columns=labels)
+    _one_line_refusal(_esp("prepare-data", "--label-columns", ",".join(labels), "--data-dir", str(tmp_path)), repr(named))
+
+
+def test_every_column_of_the_scores_table_is_a_reserved_label_name() -> None:
+    from beam_jobs import bigquery as bq
+    from esp.settings.training import RESERVED_LABELS
+
+    assert set(bq.SCORES_FIXED_COLUMNS) <= RESERVED_LABELS
+    assert label_problem(("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")) is None
+
+
+@pytest.mark.parametrize("option", ["--text-column", "--id-column"])
+def test_a_column_read_as_text_or_id_and_as_a_label_is_refused(tmp_path: Path, option: str) -> None:
+    """`--text-column spam --label-columns spam` would train the model on its own answer; an id
+    column that is a label would split the data by that label (the split hashes the id)."""
+    field = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError, match="spam"):
+        PrepareConfig(input_patterns=("x.csv",), output_dir=str(tmp_path), label_columns=("spam", "urgent"), **{field: "spam"})
+    _one_line_refusal(_esp("prepare-data", option, "spam", "--label-columns", "spam,urgent", "--data-dir", str(tmp_path)), "'spam'")
+
+
+# ---------------------------------------------------------------------------------------------
+# A model exported elsewhere, with labels prepare-data would refuse: consumers must not mix them up
+
+CASE_TWINS = st.lists(
+    st.sampled_from(["toxic", "TOXIC", "Toxic", "toxicity", "TOXICITY", "obscene", "PROFANITY", "profanity", "spam", "SPAM", "ß", "SS", "ss"]),
+    unique=True, min_size=1,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CASE_TWINS)
+def test_perspective_attributes_are_one_to_one_whatever_the_labels(labels: list[str]) -> None:
+    attributes = pv.attribute_map(labels)
+    assert sorted(attributes.values()) == sorted(labels)  # every label offered, each once
+    for name, label in attributes.items():
+        assert name in (label, label.upper(), pv.PERSPECTIVE_NAMES.get(label))
+
+
+def _score(probabilities: dict[str, float]) -> Score:
+    now = dt.datetime.now(dt.UTC)
+    return Score(id="c-1", probabilities=probabilities, thresholds={k: 0.5 for k in probabilities}, model_name="m",
+                 model_version=1, truncated=False, scored_at=now)
+
+
+@pytest.mark.parametrize("labels", [("spam", "id"), ("flags",), ("ID",), ("toxic", "TOXIC"), ("toxic\n",)])
+def test_a_backfill_row_refuses_labels_that_would_overwrite_its_columns(labels: tuple[str, ...]) -> None:
+    """Before: a label `id` put its probability in the comment id's place, the flags overwrote a
+    label `flags`, and nothing said so."""
+    from beam_jobs.backfill import score_row
+
+    with pytest.raises(ConfigError, match="label"):
+        score_row(_score({label: 0.25 for label in labels}), "run-1")
+    row = score_row(_score({"spam": 0.25, "urgent": 0.5}), "run-1")
+    assert row["id"] == "c-1" and row["spam"] == 0.25 and row["flags"] == ["urgent"]
+
+
+@pytest.mark.slow
+def test_a_served_model_with_labels_differing_only_in_case_scores_each_under_its_own_name(start_model_server, start_api, tmp_path: Path) -> None:
+    from tests.fixtures.models import export_test_model
+
+    labels = ("toxic", "TOXIC", "Toxic", "constructor", "spam")
+    base = tmp_path / "odd"
+    export_test_model(base, 1, labels=labels)
+    api = start_api(model_server=start_model_server(base))
+    text = "you are a wonderful person, thank you"
+    status, _, record = api.post_json("/v1/score", {"id": "c-1", "text": text})
+    assert status == 200, record
+    assert set(record["scores"]) == set(labels)
+    assert len(set(record["scores"].values())) == len(labels)  # the test model gives each label its own score
+    want = {"TOXICITY": "toxic", "TOXIC": "TOXIC", "Toxic": "Toxic", "CONSTRUCTOR": "constructor", "SPAM": "spam"}
+    status, _, analyzed = api.post_json("/v1alpha1/comments:analyze", {"comment": {"text": text}, "requestedAttributes": {n: {} for n in want}})
+    assert status == 200, analyzed
+    got = {name: entry["summaryScore"]["value"] for name, entry in analyzed["attributeScores"].items()}
+    assert got == {name: record["scores"][label] for name, label in want.items()}
