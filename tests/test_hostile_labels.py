@@ -153,3 +153,59 @@ def test_a_served_model_with_labels_differing_only_in_case_scores_each_under_its
     assert status == 200, analyzed
     got = {name: entry["summaryScore"]["value"] for name, entry in analyzed["attributeScores"].items()}
     assert got == {name: record["scores"][label] for name, label in want.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's file
+
+
+def test_a_csv_with_a_byte_order_mark_loses_no_row(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts the file with a BOM: it belongs to the file, not to the first
+    column's name (else that column, here the text, is missing from every row)."""
+    rows = _tickets(40)
+    src = _write_csv(tmp_path / "t.csv", ["body", "spam", "urgent"], [[r["body"], r["spam"], r["urgent"]] for r in rows], bom=True)
+    stats = run(_config(src, tmp_path / "out"))
+    assert stats["rejects"] == {}
+    assert stats["rows"]["total"] == 40
+
+
+@pytest.mark.parametrize(
+    "header, words",
+    [
+        (["body", "spam", "urgent", "spam"], ("'spam'", "2 times")),  # DictReader would keep the last copy, silently
+        (["body", "spam", "urgnet"], ("no column 'urgent'", "'urgnet'")),  # every row would be an unlabelled reject
+    ],
+)
+def test_a_csv_header_that_does_not_fit_the_columns_is_refused_in_one_line(tmp_path: Path, header: list[str], words: tuple[str, ...]) -> None:
+    rows = [[f"ticket {i}", i % 2, 1, 0][: len(header)] for i in range(30)]
+    src = _write_csv(tmp_path / "t.csv", header, rows)
+    out = tmp_path / "out"
+    result = _esp("prepare-data", "--input", str(src), "--id-column", "", "--text-column", "body", "--label-columns", "spam,urgent",
+                  "--data-dir", str(out), "--no-progress", "--runner=DirectRunner")
+    _one_line_refusal(result, str(src), *words)
+    # The job itself (a pipeline built without the CLI's check) rejects the file with the same reason.
+    stats = run(_config(src, out))
+    assert stats["rows"]["total"] == 0 and stats["rejects"] == {"bad_header": 1}
+    rejects = [json.loads(line) for f in out.glob("rejects-*.jsonl") for line in f.read_text().splitlines()]
+    assert all(word in rejects[0]["detail"] for word in words[:1])
+
+
+def test_jsonl_lines_read_one_way_only_or_not_at_all_are_rejects_not_the_end_of_the_job(tmp_path: Path) -> None:
+    good = _tickets(30)
+    hostile = [
+        '{"body": "kind words", "spam": 0, "spam": 1, "urgent": 0}',  # which spam? json.loads keeps the last
+        '{"body": "not a number", "spam": NaN, "urgent": 0}',
+        '{"body": "huge", "spam": 1' + "0" * 5000 + ', "urgent": 0}',  # int() refuses over 4,300 digits
+        "[" * 100_000 + "]" * 100_000,  # nested past the recursion limit
+        '["a", "list"]',
+    ]
+    lone_surrogate = '{"body": "half an emoji \\ud83d here", "spam": 0, "urgent": 1}'  # has no UTF-8
+    path = tmp_path / "t.jsonl"
+    lines = [json.dumps(r) for r in good[:15]] + hostile + [lone_surrogate] + [json.dumps(r) for r in good[15:]]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")  # with a BOM before the first (good) line
+    out = tmp_path / "out"
+    stats = run(_config(path, out))
+    assert stats["rows"]["total"] == 30
+    assert stats["rejects"] == {"invalid_json": len(hostile), "unencodable_text": 1}
+    rejects = [json.loads(line) for f in out.glob("rejects-*.jsonl") for line in f.read_text().splitlines()]
+    assert [r["line"] for r in rejects if r["reason"] == "unencodable_text"] == [15 + len(hostile) + 1]

@@ -35,7 +35,7 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
     """
     data = build(DataSettings, options)
     prep = build(PrepareDataSettings, options)
-    from beam_jobs.prepare_data import PrepareConfig, run
+    from beam_jobs.prepare_data import PrepareConfig, check_headers, run
 
     config = PrepareConfig(
         input_patterns=prep.patterns(),
@@ -55,6 +55,10 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
     for pattern in config.input_patterns:
         if not any(r.metadata_list for r in FileSystems.match([pattern])):
             raise click.BadParameter(f"{pattern!r} matches no file", param_hint="--input")
+    try:
+        check_headers(config)
+    except ValueError as exc:
+        raise EspError(str(exc)) from None
     stats = run(config, list(beam_args))
     rows = stats["rows"]
     click.echo(
