@@ -209,3 +209,42 @@ def test_jsonl_lines_read_one_way_only_or_not_at_all_are_rejects_not_the_end_of_
     assert stats["rejects"] == {"invalid_json": len(hostile), "unencodable_text": 1}
     rejects = [json.loads(line) for f in out.glob("rejects-*.jsonl") for line in f.read_text().splitlines()]
     assert [r["line"] for r in rejects if r["reason"] == "unencodable_text"] == [15 + len(hostile) + 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# esp train: what stats.json names, and labels there is nothing to learn from
+
+
+def test_train_refuses_labels_in_stats_json_that_prepare_data_would_refuse(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stats.json").write_text(json.dumps({"labels": ["toxic", "TOXIC"]}))
+    result = _esp("train", "--profile", "tiny", "--data-dir", str(data), "--export-base-path", str(tmp_path / "m"),
+                  "--work-dir", str(tmp_path / "w"), "--report-dir", str(tmp_path / "r"), "--no-progress")
+    _one_line_refusal(result, "stats.json", "'TOXIC'", "case")
+
+
+def test_train_refuses_a_label_without_positives_in_one_line(tmp_path: Path) -> None:
+    """A label column that is all 0 (or all 1) teaches nothing: the model would still ship it, with
+    a placeholder threshold, and every consumer would read its scores as a learned label's."""
+    rows = _tickets(300, spam=lambda i: False)
+    src = _write_csv(tmp_path / "t.csv", ["body", "spam", "urgent"], [[r["body"], r["spam"], r["urgent"]] for r in rows])
+    run(_config(src, tmp_path / "data"))
+    result = _esp("train", "--profile", "tiny", "--data-dir", str(tmp_path / "data"), "--export-base-path", str(tmp_path / "m"),
+                  "--work-dir", str(tmp_path / "w"), "--report-dir", str(tmp_path / "r"), "--no-progress", "--no-baselines")
+    _one_line_refusal(result, "'spam'", "no positive")
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_refuses_data_labelled_in_another_order_in_one_line(tmp_path: Path) -> None:
+    """The test split's labels are numbers in the data's order: a model with `spam, urgent` scored
+    against data prepared as `urgent, spam` reported spam's ROC AUC on urgent's answers."""
+    from tests.fixtures.models import export_test_model
+
+    rows = _tickets(200)
+    src = _write_csv(tmp_path / "t.csv", ["body", "spam", "urgent"], [[r["body"], r["spam"], r["urgent"]] for r in rows])
+    run(_config(src, tmp_path / "swapped", labels=("urgent", "spam")))
+    export_test_model(tmp_path / "m", 1, labels=("spam", "urgent"))
+    result = _esp("evaluate", "--model-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path / "swapped"),
+                  "--report-dir", str(tmp_path / "r"), "--no-baselines", "--no-progress")
+    _one_line_refusal(result, "urgent, spam", "spam, urgent")

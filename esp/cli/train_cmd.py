@@ -104,6 +104,7 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
             raise click.BadParameter(f"{teacher!r} is not a directory", param_hint="--teacher")
     from training.distill import TeacherError
     from training.pretrained import PretrainedError
+    from training.records import DataError
     from training.profiles import get_profile
     from training.pipeline import train_and_export
 
@@ -141,7 +142,7 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
             on_epoch=on_epoch,
             overwrite=overwrite,
         )
-    except (FileNotFoundError, FileExistsError, PretrainedError, TeacherError) as exc:
+    except (FileNotFoundError, FileExistsError, PretrainedError, TeacherError, DataError) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"exported {out['version_dir']} as model {ts.model_name} (profile {profile.name}, best epoch {out['best_epoch']}, trained in {out['train_seconds']:.0f}s)")
     click.echo(f"test mean ROC AUC {out['test']['mean_roc_auc']:.4f} (dev {out['dev_mean_roc_auc']:.4f})")
@@ -167,6 +168,7 @@ def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **opti
     from training.compare import NotComparable
     from training.evaluate import evaluate as run_evaluate
     from training.pipeline import DEFAULT_SAMPLE
+    from training.records import DataError
 
     try:
         path, _ = resolve_version_dir(model_dir)
@@ -176,7 +178,7 @@ def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **opti
     try:
         result = run_evaluate(path, data.data_dir, rs.report_dir, baselines=rs.baselines, natural_prevalence=rs.natural_toxic_prevalence,
                               sample_path=DEFAULT_SAMPLE, progress=not no_progress, compare_with=other)
-    except (FileNotFoundError, NotComparable) as exc:
+    except (FileNotFoundError, NotComparable, DataError) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"{path}: test mean ROC AUC {result['model']['mean_roc_auc']:.4f} on {result['test_rows']} comments")
     if "compared_with" in result:
