@@ -181,6 +181,10 @@ class TrainSettings:
         require(self.distill_alpha is None or 0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be between 0 and 1")
         require(self.distill_alpha is None or bool(self.teacher_dirs()), "distill_alpha needs --teacher")
         require(not self.distill_wide or bool(self.teacher_dirs()), "distill_wide needs --teacher")
+        # These two sat after base_path's return, where they never ran: --epochs 0 trained nothing
+        # and then failed on the empty history with a traceback.
+        require(self.epochs is None or self.epochs > 0, "epochs must be positive")
+        require(self.threads >= 0, "threads must be >= 0")
         self.fold()  # raises ValueError, which settings turn into a one-line ConfigError
 
     def teacher_dirs(self) -> tuple[str, ...]:
@@ -191,8 +195,6 @@ class TrainSettings:
 
     def base_path(self) -> str:
         return self.export_base_path or f"models/{self.model_name}"
-        require(self.epochs is None or self.epochs > 0, "epochs must be positive")
-        require(self.threads >= 0, "threads must be >= 0")
 
 
 @dataclass(frozen=True)
