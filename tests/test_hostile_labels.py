@@ -211,6 +211,14 @@ def test_jsonl_lines_read_one_way_only_or_not_at_all_are_rejects_not_the_end_of_
     assert [r["line"] for r in rejects if r["reason"] == "unencodable_text"] == [15 + len(hostile) + 1]
 
 
+def test_prepare_data_that_keeps_no_comment_fails_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"body": f"ticket {i}", "spam": i % 2, "urgnet": 0}) + "\n" for i in range(20)))
+    result = _esp("prepare-data", "--input", str(path), "--id-column", "", "--text-column", "body", "--label-columns", "spam,urgent",
+                  "--data-dir", str(tmp_path / "out"), "--no-progress", "--runner=DirectRunner")
+    _one_line_refusal(result, "no comment survived", '"missing_label": 20', "rejects-")
+
+
 # ---------------------------------------------------------------------------------------------
 # esp train: what stats.json names, and labels there is nothing to learn from
 

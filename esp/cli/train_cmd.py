@@ -66,6 +66,11 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
         f"{stats['duplicates_removed']} duplicates removed ({stats['label_conflicts']} with conflicting labels), "
         f"{stats['rejected_total']} rejected {json.dumps(stats['rejects'])}"
     )
+    if rows["total"] == 0:
+        # Every row refused (a label field the JSONL never has, say) leaves nothing to train on:
+        # a failure, not a result.
+        raise EspError(f"no comment survived preparation: {stats['rejected_total']} rejected {json.dumps(stats['rejects'])}; "
+                       f"the reasons are in {data.data_dir}/rejects-*.jsonl")
     prevalence = stats["prevalence"]["all"]
     click.echo("label prevalence: " + ", ".join(f"{k} {v:.2%}" for k, v in prevalence.items() if v is not None))
 
