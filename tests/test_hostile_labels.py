@@ -256,3 +256,27 @@ def test_evaluate_refuses_data_labelled_in_another_order_in_one_line(tmp_path: P
     result = _esp("evaluate", "--model-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path / "swapped"),
                   "--report-dir", str(tmp_path / "r"), "--no-baselines", "--no-progress")
     _one_line_refusal(result, "urgent, spam", "spam, urgent")
+
+
+@pytest.mark.slow
+def test_a_backfill_into_bigquery_refuses_a_model_whose_label_is_a_column(bigquery_emulator, bq_dataset: str, tmp_path: Path) -> None:
+    from beam_jobs import bigquery as bq
+    from tests.fixtures.bigquery import PROJECT
+    from tests.fixtures.models import export_test_model
+
+    export_test_model(tmp_path / "m", 1, labels=("spam", "flags"))
+    comments = tmp_path / "in.jsonl"
+    comments.write_text("".join(json.dumps({"id": f"c{i}", "text": f"comment {i}"}) + "\n" for i in range(5)))
+    result = _esp("backfill", "--input", str(comments), "--bq-scores-table", f"{bq_dataset}.scores", "--backend", "saved_model",
+                  "--saved-model-dir", str(tmp_path / "m"), "--bigquery-api-endpoint", bigquery_emulator.api_endpoint,
+                  "--bigquery-storage-endpoint", bigquery_emulator.storage_endpoint, "--runner=DirectRunner")
+    # Refused once the first score shows the labels (Beam logs its own traceback of the failed
+    # bundle above ESP's line); before the fix, the flags took the place of the label `flags`, whose
+    # scores were lost while the run succeeded.
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("esp: error: label 'flags' clashes with the scores table's own column")
+    client = bq.rest_client(bigquery_emulator.settings(), PROJECT)
+    try:
+        assert "scores" not in {t.table_id for t in client.list_tables(bq_dataset)}
+    finally:
+        client.close()
