@@ -280,3 +280,29 @@ def test_a_backfill_into_bigquery_refuses_a_model_whose_label_is_a_column(bigque
         assert "scores" not in {t.table_id for t in client.list_tables(bq_dataset)}
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_the_page_shows_hostile_label_names_as_text(start_model_server, start_api, browser, tmp_path: Path) -> None:
+    """A model exported elsewhere may name an output anything TensorFlow takes: markup, `__proto__`.
+    The page draws names with textContent, so they stay text (this held before; kept as a guard)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.fixtures.models import export_test_model
+
+    labels = ("<img src=x onerror=window.pwned=1>", "__proto__", "constructor", "spam")
+    export_test_model(tmp_path / "m", 1, labels=labels)
+    api = start_api(model_server=start_model_server(tmp_path / "m"))
+    browser.get(api.base_url + "/")
+    comment = browser.find_element(By.ID, "comment")
+    comment.send_keys("x")  # a text the test model flags for some labels
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 20).until(ec.text_to_be_present_in_element((By.ID, "status"), "Scored."))
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars li")
+    assert {li.get_attribute("data-label") for li in bars} == set(labels)
+    shown = {li.find_element(By.CSS_SELECTOR, ".label").get_attribute("textContent") for li in bars}  # before CSS capitalises it
+    assert shown == {label.replace("_", " ") for label in labels}
+    assert not browser.find_elements(By.CSS_SELECTOR, "#result img")
+    assert browser.execute_script("return window.pwned === undefined")
