@@ -306,3 +306,16 @@ def test_the_page_shows_hostile_label_names_as_text(start_model_server, start_ap
     assert shown == {label.replace("_", " ") for label in labels}
     assert not browser.find_elements(By.CSS_SELECTOR, "#result img")
     assert browser.execute_script("return window.pwned === undefined")
+
+
+def test_esp_score_prints_a_models_label_names_without_their_control_characters(tmp_path: Path) -> None:
+    """A label named with an escape sequence or a newline (TensorFlow takes any output key) must not
+    drive the terminal or break the table `esp score` prints."""
+    from tests.fixtures.models import export_test_model
+
+    export_test_model(tmp_path / "m", 1, labels=("clear\x1b[2Jscreen", "two\nlines", "spam"))
+    result = _esp("score", "--saved-model", str(tmp_path / "m" / "1"), "hello there")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\x1b" not in result.stdout
+    header = result.stdout.splitlines()[1]
+    assert "clear\\x1b[2Jscreen" in header and "two\\nlines" in header and "spam" in header
