@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,8 +60,8 @@ def attribute_map(labels: Sequence[str]) -> dict[str, str]:
     elsewhere may declare) are offered as `spam` and `Spam`, never one of them as `SPAM`, which
     would report one label's score under a name that stands for both and hide the other.
     """
-    uppers = Counter(label.upper() for label in labels)
-    own = {(label.upper() if uppers[label.upper()] == 1 else label): label for label in labels}
+    uppers = [label.upper() for label in labels]
+    own = {(upper if uppers.count(upper) == 1 else label): label for label, upper in zip(labels, uppers)}
     out = dict(own)
     for name, label in own.items():
         alias = PERSPECTIVE_NAMES.get(label)
