@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -468,6 +469,10 @@ def _each(chunk: list[Any]) -> list[Any]:
 
 def score_row(score: Score, run_id: str) -> dict[str, Any]:
     """A Score as a row of the scores table: one column per label, in the model's order."""
+    # Checked here, where labels and fixed columns share one dict: a label `id` or `flags` (a model
+    # exported elsewhere) would otherwise overwrite the comment id or be overwritten by the flags,
+    # and the table would never hear of it. One check per label set, not per row.
+    _check_labels(tuple(score.probabilities))
     return {
         "id": score.id,
         **{label: float(p) for label, p in score.probabilities.items()},
@@ -478,6 +483,9 @@ def score_row(score: Score, run_id: str) -> dict[str, Any]:
         "scored_at": score.scored_at,
         "run_id": run_id,
     }
+
+
+_check_labels = functools.lru_cache(maxsize=64)(bq.check_labels)
 
 
 def _columns_for_score_row(row: dict[str, Any]) -> list[bq.Column]:
