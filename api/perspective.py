@@ -55,15 +55,19 @@ def attribute_map(labels: Sequence[str]) -> dict[str, str]:
     """Perspective attribute name -> ESP label, for the labels the model declares.
 
     A label whose own upper-case name is taken by a Perspective alias keeps its own name (the
-    alias goes to nobody), so the mapping is always one to one.
+    alias goes to nobody), so the mapping is always one to one. So does a label whose upper-case
+    name another label shares: `spam` and `Spam` (which prepare-data refuses, but a model exported
+    elsewhere may declare) are offered as `spam` and `Spam`, never one of them as `SPAM`, which
+    would report one label's score under a name that stands for both and hide the other.
     """
-    own = {label.upper(): label for label in labels}
+    uppers = [label.upper() for label in labels]
+    own = {(upper if uppers.count(upper) == 1 else label): label for label, upper in zip(labels, uppers)}
     out = dict(own)
-    for label in labels:
+    for name, label in own.items():
         alias = PERSPECTIVE_NAMES.get(label)
         if alias and alias not in own:
             out[alias] = label
-            out.pop(label.upper(), None)
+            del out[name]
     return out
 
 

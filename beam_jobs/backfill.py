@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -314,7 +315,7 @@ class CheckCompressedEnd(beam.DoFn):
     reported as a success. Reading each compressed file through Python's own decompressors here
     raises instead. It costs one more decompression of the compressed inputs, a few thousandths of
     what scoring them costs, and runs beside the reading, on the workers, not on the launcher.
-    Deflate and zstd inputs are not checked.
+    Deflate and zstd have no file object that checks the end, so they go through `_read_to_end`.
     """
 
     def process(self, metadata: Any) -> Iterator[None]:
@@ -326,22 +327,47 @@ class CheckCompressedEnd(beam.DoFn):
         from apache_beam.io.filesystem import CompressionTypes
         from apache_beam.io.filesystems import FileSystems
 
-        openers: dict[str, Any] = {
-            CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw),
-            CompressionTypes.BZIP2: bz2.BZ2File,
-            CompressionTypes.LZMA: lzma.LZMAFile,
-        }
-        opener = openers.get(CompressionTypes.detect_compression_type(metadata.path))
-        if opener is None:
-            return
-        with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-            try:
+        import zstandard
+
+        def read_through(opener: Callable[[Any], Any]) -> Callable[[Any], None]:
+            def read(raw: Any) -> None:
                 with opener(raw) as stream:
                     while stream.read(1 << 20):
                         pass
-            except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+
+            return read
+
+        checks: dict[str, Callable[[Any], None]] = {
+            CompressionTypes.GZIP: read_through(lambda raw: gzip.GzipFile(fileobj=raw)),
+            CompressionTypes.BZIP2: read_through(bz2.BZ2File),
+            CompressionTypes.LZMA: read_through(lzma.LZMAFile),
+            # The decompressors Beam's CompressedFile uses for these two.
+            CompressionTypes.DEFLATE: lambda raw: _read_to_end(raw, zlib.decompressobj),
+            CompressionTypes.ZSTD: lambda raw: _read_to_end(raw, zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj),
+        }
+        check = checks.get(CompressionTypes.detect_compression_type(metadata.path))
+        if check is None:
+            return
+        with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            try:
+                check(raw)
+            except (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
                 raise InputCutShort(f"{TRUNCATED_INPUT}{metadata.path}: {exc}") from None
         yield from ()
+
+
+def _read_to_end(raw: Any, new_decompressor: Callable[[], Any], chunk: int = 4096) -> None:
+    """Decompresses `raw` as Beam does (a stream followed by more bytes starts another stream) and
+    raises EOFError when the last stream has no end. Small chunks bound what one call can inflate to
+    (a zstd block of a few bytes may stand for 128 KiB)."""
+    decompressor, seen = new_decompressor(), False
+    while buf := (decompressor.unused_data if decompressor.eof else b"") or raw.read(chunk):
+        if decompressor.eof:
+            decompressor = new_decompressor()
+        seen = True
+        decompressor.decompress(buf)
+    if seen and not decompressor.eof:
+        raise EOFError("the compressed stream ends before its end-of-stream marker")
 
 
 def _input_cut_short(exc: BaseException) -> str | None:
@@ -465,6 +491,10 @@ def _each(chunk: list[Any]) -> list[Any]:
 
 def score_row(score: Score, run_id: str) -> dict[str, Any]:
     """A Score as a row of the scores table: one column per label, in the model's order."""
+    # Checked here, where labels and fixed columns share one dict: a label `id` or `flags` (a model
+    # exported elsewhere) would otherwise overwrite the comment id or be overwritten by the flags,
+    # and the table would never hear of it. One check per label set, not per row.
+    _check_labels(tuple(score.probabilities))
     return {
         "id": score.id,
         **{label: float(p) for label, p in score.probabilities.items()},
@@ -475,6 +505,9 @@ def score_row(score: Score, run_id: str) -> dict[str, Any]:
         "scored_at": score.scored_at,
         "run_id": run_id,
     }
+
+
+_check_labels = functools.lru_cache(maxsize=64)(bq.check_labels)
 
 
 def _columns_for_score_row(row: dict[str, Any]) -> list[bq.Column]:

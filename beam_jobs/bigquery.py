@@ -181,14 +181,19 @@ class Column:
 
 
 def check_labels(labels: Sequence[str]) -> None:
-    """Labels become column names: refuse ones BigQuery cannot take or that clash with fixed columns."""
+    """Labels become column names: refuse ones BigQuery cannot take or that clash with fixed columns.
+
+    BigQuery column names ignore case, so `ID` clashes with `id` and `toxic` with `TOXIC`.
+    """
+    seen: set[str] = set()
     for label in labels:
-        if not _NAME_RE.match(label):
+        if not _NAME_RE.fullmatch(label):  # fullmatch: `$` alone lets a trailing newline through
             raise ConfigError(f"label {label!r} is not a valid BigQuery column name")
-        if label in SCORES_FIXED_COLUMNS:
+        if label.lower() in SCORES_FIXED_COLUMNS:
             raise ConfigError(f"label {label!r} clashes with the scores table's own column of that name")
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"labels {list(labels)} repeat a name")
+        if label.lower() in seen:
+            raise ConfigError(f"labels {list(labels)} repeat a name (BigQuery column names ignore case)")
+        seen.add(label.lower())
 
 
 def scores_columns(labels: Sequence[str]) -> list[Column]:
@@ -421,7 +426,7 @@ def merge_sql(target: TableRef, staging: TableRef, columns: Sequence[Column]) ->
     """
     names = [c.name for c in columns]
     for name in names:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ConfigError(f"column {name!r} cannot be merged")
     updates = ", ".join(f"`{n}` = S.`{n}`" for n in names if n not in (ID, MODEL_VERSION))
     cols = ", ".join(f"`{n}`" for n in names)

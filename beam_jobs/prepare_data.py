@@ -37,7 +37,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.options import new_pipeline, pipeline_options
-from esp.settings.training import label_problem
+from esp.contracts import loads_json
+from esp.settings.training import columns_problem, label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Reject:
     MISSING_LABEL = "missing_label"
     INVALID_LABEL = "invalid_label"
     UNREADABLE_FILE = "unreadable_file"
+    BAD_HEADER = "bad_header"
+    UNENCODABLE_TEXT = "unencodable_text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ class PrepareConfig:
             raise ValueError("at least one input pattern is required")
         if not self.label_columns:
             raise ValueError("at least one label column is required")
-        problem = label_problem(tuple(self.label_columns))
+        problem = label_problem(tuple(self.label_columns)) or columns_problem(self.id_column, self.text_column, tuple(self.label_columns))
         if problem:
             raise ValueError(problem)
         if self.input_format not in ("auto", "csv", "jsonl"):
@@ -174,8 +177,16 @@ class ParseFile(beam.DoFn):
         # Whole files: CSV fields may span lines, so no line-based split is safe. Beam's
         # decompressing reader is not an io.RawIOBase, hence read() rather than a text wrapper.
         with readable.open() as raw:
-            text_stream = io.StringIO(_read_all(raw).decode("utf-8", errors="replace"), newline="")
-            rows = self._csv_rows(text_stream) if fmt == "csv" else self._jsonl_rows(text_stream)
+            text_stream = io.StringIO(_decode(_read_all(raw)), newline="")
+            if fmt == "csv":
+                csv.field_size_limit(1 << 27)
+                reader = csv.DictReader(text_stream)
+                problem = header_problem(reader.fieldnames, self.config)
+                if problem:
+                    yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.BAD_HEADER, problem, path, 1))
+                rows = iter(()) if problem else self._csv_rows(reader)
+            else:
+                rows = self._jsonl_rows(text_stream)
             for line_no, row, error in rows:
                 if bar is not None:
                     bar.update(1)
@@ -186,9 +197,7 @@ class ParseFile(beam.DoFn):
         if bar is not None:
             bar.close()
 
-    def _csv_rows(self, stream: io.TextIOBase) -> Iterator[tuple[int, dict, str | None]]:
-        csv.field_size_limit(1 << 27)
-        reader = csv.DictReader(stream)
+    def _csv_rows(self, reader: csv.DictReader) -> Iterator[tuple[int, dict, str | None]]:
         for row in reader:
             # line_num is the physical line where the record ends (fields may span lines).
             yield reader.line_num, row, None
@@ -198,9 +207,13 @@ class ParseFile(beam.DoFn):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield line_no, {}, f"invalid JSON: {exc.msg}"
+                # ESP's one JSON reader: a label given twice on one line (`"spam": 1, "spam": 0`)
+                # is refused, not read as whichever copy json.loads keeps. A line nested too deep
+                # (RecursionError) or with a number too long for int() (ValueError) is a reject
+                # too, not the end of the job.
+                obj = loads_json(line)
+            except (ValueError, RecursionError) as exc:
+                yield line_no, {}, f"invalid JSON: {getattr(exc, 'msg', None) or exc}"
                 continue
             if not isinstance(obj, dict):
                 yield line_no, {}, "a JSON line must be an object"
@@ -224,6 +237,12 @@ class ParseFile(beam.DoFn):
         if not text:
             yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.EMPTY_TEXT, "text is empty after normalisation", path, line_no, row))
             return
+        # A lone surrogate (JSON's "\ud800") has no UTF-8: the job would fail on it where the row is
+        # hashed or written, so it is refused here, as the comment contract refuses it.
+        for what, value in (("id", comment_id), ("text", text)):
+            if not _encodable(value):
+                yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.UNENCODABLE_TEXT, f"{what} is not valid Unicode (a lone surrogate)", path, line_no, row))
+                return
         # Labels may be top-level columns (Jigsaw) or inside a "labels" object (ESP's JSONL).
         source = row["labels"] if isinstance(row.get("labels"), dict) else row
         labels = []
@@ -234,10 +253,51 @@ class ParseFile(beam.DoFn):
                 return
             parsed = parse_label(value)
             if parsed is None:
-                yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.INVALID_LABEL, f"label {name!r} is {value!r}, not 0 or 1", path, line_no, row))
+                yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.INVALID_LABEL, f"label {name!r} is {_shown(repr(value))[:80]}, not 0 or 1", path, line_no, row))
                 return
             labels.append(parsed)
         yield {"id": comment_id or derived_id(text), "text": text, "labels": labels}
+
+
+def _decode(data: bytes) -> str:
+    """A file's text. A byte order mark (Excel's "CSV UTF-8" writes one) is the file's, not part of
+    its first column's name or its first JSON line."""
+    return data.decode("utf-8-sig", errors="replace")
+
+
+def header_problem(fieldnames: Sequence[str] | None, config: PrepareConfig) -> str | None:
+    """Why a CSV header cannot be read with the configured columns, or None when it can (or the
+    file is empty). csv.DictReader keeps the last of two columns of one name and reads a missing
+    column as empty: a doubled label column would be read from one copy, silently, and a missing
+    one would reject every row as unlabelled instead of saying once what is wrong."""
+    if fieldnames is None:
+        return None
+    named = [column for column in (config.id_column, config.text_column, *config.label_columns) if column]
+    for column in named:
+        count = list(fieldnames).count(column)
+        if count == 0:
+            shown = ", ".join(repr(name[:40]) for name in fieldnames[:20]) + (", ..." if len(fieldnames) > 20 else "")
+            return f"no column {column[:80]!r} in the header (it has: {shown})"
+        if count > 1:
+            return f"column {column!r} appears {count} times in the header"
+    return None
+
+
+def check_headers(config: PrepareConfig, head_bytes: int = 1 << 16) -> None:
+    """Raises ValueError naming the file and the column when a CSV input's header does not fit the
+    columns: one line before the job starts, rather than a file of rejects after it. Reads the first
+    `head_bytes` of each file only; a header longer than that is left to the job (bad_header)."""
+    for result in FileSystems.match(list(config.input_patterns)):
+        for metadata in result.metadata_list:
+            if _format_of(metadata.path, config.input_format) != "csv":
+                continue
+            with FileSystems.open(metadata.path) as raw:
+                head = raw.read(head_bytes)
+            if len(head) == head_bytes and b"\n" not in head:
+                continue
+            problem = header_problem(next(csv.reader(io.StringIO(_decode(head), newline="")), None), config)
+            if problem:
+                raise ValueError(f"{metadata.path}: {problem}")
 
 
 def _read_all(stream: Any, chunk_bytes: int = 1 << 22) -> bytes:
@@ -251,13 +311,27 @@ def _read_all(stream: Any, chunk_bytes: int = 1 << 22) -> bytes:
         parts.append(part)
 
 
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """A cell as the rejects file shows it: bounded, so one huge row cannot bloat the output, and
+    with a lone surrogate escaped, so the row that has one can still be written."""
+    return str(value)[:500].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _reject(reason: str, detail: str, path: str, line_no: int | None, row: dict | None = None) -> dict:
     record = {"reason": reason, "detail": detail, "file": path}
     if line_no:
         record["line"] = line_no
     if row:
-        # Enough of the row to find and fix it, bounded so one huge row cannot bloat the output.
-        record["row"] = {str(k): (str(v)[:500] if v is not None else None) for k, v in row.items() if k is not None}
+        # Enough of the row to find and fix it.
+        record["row"] = {_shown(k): (_shown(v) if v is not None else None) for k, v in row.items() if k is not None}
     return record
 
 

@@ -14,7 +14,11 @@ a different one per request (bench/api_post.lua). Measured:
 3. the naive gateway: the same API with batching off (one Predict per request, like the original
    client): requests/s, and how many times the batched API does (target >= 2.5x);
 4. latency at half of (2)'s throughput (wrk paces each connection with random exponential gaps):
-   p50, p90, p99 (target p99 <= 150 ms).
+   p50, p90, p99 (target p99 <= 150 ms);
+5. the ceilings of (2) and (3), the model server alone: batches cut from the texts sorted by length
+   (the least padding any batcher can reach; bench/bench_serving.py's load generator), and one
+   comment per Predict with --naive-in-flight clients. Their ratio bounds what batching can buy
+   over the naive gateway on this model and machine, whatever the API does.
 
     flock /work/wt/bench.lock .venv/bin/python bench/bench_api.py --json docs/figures/api-bench.json --chart docs/figures/api-throughput.png
     .venv/bin/python bench/bench_api.py --test-model --duration-s 5     # quick check with the tiny test model
@@ -46,6 +50,7 @@ from bench_worker import PinnedModelServer, choose_model, cpu_seconds  # noqa: E
 
 from api.local import ApiProcess  # noqa: E402
 from esp.settings import BatchingSettings, ModelClientSettings  # noqa: E402
+from esp.settings.batching import API_BATCH_SIZE  # noqa: E402
 from esp.settings.api import ApiSettings  # noqa: E402
 
 log = logging.getLogger("bench_api")
@@ -148,8 +153,10 @@ def chart(results: dict, path: Path) -> None:
         (f"model server raw\nbatch {results['batch_size']}", results["raw"]["sequences_per_s"], "#777"),
         (f"API, batched\n{results['connections']} clients", results["batched"]["requests_per_s"], "#1f77b4"),
         ("API, naive\n1 Predict/request", results["naive"]["requests_per_s"], "#d62728"),
+        ("model server alone\nsorted batches", results["sorted"]["sequences_per_s"], "#bbb"),
+        ("model server alone\n1 per Predict", results["single"]["sequences_per_s"], "#f4a6a6"),
     ]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [4, 2]})
     ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
     for i, (_, v, _) in enumerate(bars):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model base path (default: models/bert, the default model)")
     parser.add_argument("--test-model", action="store_true", help="use the tiny test model (tests/fixtures/models.py)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=API_BATCH_SIZE, help="the API's batch size (default: esp api's)")
     parser.add_argument("--batches-in-flight", type=int, default=2)
     parser.add_argument("--max-batch-latency-ms", type=float, default=20.0)
     parser.add_argument("--naive-in-flight", type=int, default=4, help="Predict calls the naive gateway may have open at once")
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         batched = BatchingSettings(max_batch_size=args.batch_size, batches_in_flight=args.batches_in_flight,
                                    max_batch_latency_ms=args.max_batch_latency_ms)
         naive = BatchingSettings(max_batch_size=1, batches_in_flight=args.naive_in_flight, max_batch_latency_ms=0.0, length_grouping=False)
-        runs: dict[str, list[dict]] = {"raw": [], "batched": [], "naive": []}
+        by_length = sorted(texts, key=len)  # every window of --batch-size neighbours is one length, nearly
+        runs: dict[str, list[dict]] = {"raw": [], "batched": [], "naive": [], "sorted": [], "single": []}
         # Rounds of raw, batched, naive: the best of each counts, so a burst of other load on the
         # shared machine costs a cell one round, not the comparison.
         for _ in range(args.repeats):
@@ -217,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("raw: %.0f seq/s", runs["raw"][-1]["sequences_per_s"])
             runs["batched"].append(measure_api("batched", server.target, batched, args, bodies, log_dir))
             runs["naive"].append(measure_api("naive", server.target, naive, args, bodies, log_dir))
-        for name, key in (("raw", "sequences_per_s"), ("batched", "requests_per_s"), ("naive", "requests_per_s")):
+            runs["sorted"].append(run_load(server.target, by_length, batch_size=args.batch_size, clients=args.batches_in_flight,
+                                           duration_s=args.duration_s, warmup_s=1.0))
+            runs["single"].append(run_load(server.target, texts, batch_size=1, clients=args.naive_in_flight,
+                                           duration_s=args.duration_s, warmup_s=1.0))
+            log.warning("model server alone: %.0f seq/s in length-sorted batches, %.0f seq/s one per Predict",
+                        runs["sorted"][-1]["sequences_per_s"], runs["single"][-1]["sequences_per_s"])
+        for name, key in (("raw", "sequences_per_s"), ("batched", "requests_per_s"), ("naive", "requests_per_s"),
+                          ("sorted", "sequences_per_s"), ("single", "sequences_per_s")):
             results[name] = max(runs[name], key=lambda r: r[key]) | {"runs": [round(r[key], 1) for r in runs[name]]}
         # Half load: each connection waits a random exponential gap between requests, sized so that
         # all of them together ask for half of the batched throughput.
@@ -230,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_at_end"] = os.getloadavg()
 
     raw, b, n, h = results["raw"], results["batched"], results["naive"], results["half_load"]
+    ceiling = results["sorted"]["sequences_per_s"] / results["single"]["sequences_per_s"]
+    results["batching_gain_ceiling"] = ceiling
     rows = [
         (f"model server raw, batch {args.batch_size} x {args.batches_in_flight} in flight", f"{raw['sequences_per_s']:.0f} comments/s", ""),
         (f"API batched, {args.connections} clients, 1 comment/request", f"{b['requests_per_s']:.0f} req/s",
@@ -240,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
          "target p99 <= 150 ms"),
         ("API CPU per request, full load", f"{b['api_cpu_ms_per_request']:.3f} ms", f"half load {h['api_cpu_ms_per_request']:.3f} ms; target <= 0.4 ms"),
         ("non-2xx answers (full, naive, half)", f"{b['non_2xx']}, {n['non_2xx']}, {h['non_2xx']}", ""),
+        ("model server alone, length-sorted batches", f"{results['sorted']['sequences_per_s']:.0f} comments/s",
+         f"batched API at {b['requests_per_s'] / results['sorted']['sequences_per_s']:.0%} of it"),
+        (f"model server alone, 1 comment/Predict x {args.naive_in_flight}", f"{results['single']['sequences_per_s']:.0f} comments/s",
+         (f"naive API at {n['requests_per_s'] / results['single']['sequences_per_s']:.0%} of it; "
+          f"batching can gain at most {ceiling:.1f}x")),
     ]
     print(f"\nESP HTTP API benchmark: {model_desc}, {os.cpu_count()} CPUs")
     width = max(len(r[0]) for r in rows)

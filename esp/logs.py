@@ -56,7 +56,8 @@ def configure_logging(settings: LogSettings, *, stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    # Client libraries log every retry at INFO; keep them at WARNING unless debugging.
+    # Client libraries log every retry at INFO, and Beam one line per type hint it reads when a job
+    # graph is built (about forty for the backfill); keep them at WARNING unless debugging.
     if settings.log_level != "DEBUG":
-        for noisy in ("google", "grpc", "urllib3"):
+        for noisy in ("google", "grpc", "urllib3", "apache_beam.typehints"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

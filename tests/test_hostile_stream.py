@@ -272,6 +272,26 @@ def test_a_bzip2_cut_short_fails_too_and_a_whole_one_is_scored(tmp_path: Path, t
         run(BackfillConfig(input=str(cut), output=str(tmp_path / "c"), backend="saved_model", saved_model_dir=model))
 
 
+@pytest.mark.parametrize("suffix", [".deflate", ".zst"])
+def test_a_deflate_or_zstd_input_cut_short_fails_too(tmp_path: Path, test_model_base: Path, suffix: str) -> None:
+    """Beam reads .deflate and .zst inputs too, and stops at a cut as silently as in a gzip: a zstd
+    frame cut short yields no line at all, so the run 'succeeds' with nothing scored."""
+    import zstandard
+
+    from beam_jobs.backfill import BackfillConfig, run
+
+    body = "".join(json.dumps({"id": f"c{i:03d}", "text": f"comment number {i}"}) + "\n" for i in range(50)).encode()
+    compressed = zlib.compress(body) if suffix == ".deflate" else zstandard.ZstdCompressor().compress(body)
+    whole, cut = tmp_path / f"whole.jsonl{suffix}", tmp_path / f"cut.jsonl{suffix}"
+    whole.write_bytes(compressed + compressed)  # two streams, one after the other: Beam reads both
+    cut.write_bytes(compressed[:-8])
+    model = str(test_model_base)
+    summary = run(BackfillConfig(input=str(whole), output=str(tmp_path / "w"), backend="saved_model", saved_model_dir=model))
+    assert (summary.read, summary.scored) == (100, 100)
+    with pytest.raises(EspError, match=rf"cut short or corrupt: .*cut\.jsonl\{suffix}"):
+        run(BackfillConfig(input=str(cut), output=str(tmp_path / "c"), backend="saved_model", saved_model_dir=model))
+
+
 def test_the_direct_runner_never_tries_the_prism_runner(tmp_path: Path, test_model_base: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Beam 2.77's DirectRunner first tries Prism, downloading it from GitHub (a network call on
     every local run; online, a runner ESP is not tested on); ESP's pipelines stay off it."""

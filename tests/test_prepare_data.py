@@ -189,7 +189,8 @@ def test_label_names_that_cannot_be_model_outputs_are_refused(tmp_path: Path, la
 def test_label_name_rule_accepts_only_safe_output_names(name: str) -> None:
     import re
 
-    from esp.settings.training import label_problem
+    from esp.settings.training import RESERVED_LABELS, label_problem
 
     ok = label_problem((name,)) is None
-    assert ok == bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name) and not name.lower().startswith("esp_"))
+    safe = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name) and not name.lower().startswith("esp_")
+    assert ok == bool(safe and name.lower() not in RESERVED_LABELS)  # tests/test_hostile_labels.py: why reserved

@@ -240,3 +240,12 @@ def test_bfloat16_training_only_where_the_cpu_runs_it_natively() -> None:
     assert training_dtype("mixed_bfloat16", amx, gpu=False) == "mixed_bfloat16"
     assert training_dtype("mixed_bfloat16", avx2, gpu=True) == "mixed_bfloat16"
     assert training_dtype("float32", amx, gpu=False) == "float32"
+
+
+@pytest.mark.parametrize("option, value, words", [("--epochs", "0", "epochs must be positive"), ("--threads", "-1", "threads must be >= 0")])
+def test_cli_refuses_a_training_setting_out_of_range_in_one_line(tmp_path: Path, option: str, value: str, words: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_")}
+    result = subprocess.run([sys.executable, "-m", "esp.cli.main", "train", option, value, "--data-dir", str(tmp_path)],
+                            check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]

@@ -96,6 +96,13 @@ def evaluate(
     report.mkdir(parents=True, exist_ok=True)
     info = read_model_info(version_dir)
     labels = info["labels"]
+    # The test rows' labels are a bare list of numbers in the data's order: data prepared with
+    # other labels, or the same ones in another order, would score each label against another's
+    # answers (or fail deep in TensorFlow on a count that differs).
+    data_labels = list(records.labels_of(records.read_stats(data_dir), data_dir))
+    if data_labels != list(labels):
+        raise records.DataError(f"{data_dir} is labelled {', '.join(data_labels)}; the model {version_dir} has {', '.join(labels)}: "
+                                "evaluate it on data prepared with its labels, in its order")
     test = records.read_split(data_dir, "test", len(labels))
     weights = M.natural_weights(test.labels[:, labels.index("toxic")] if "toxic" in labels else np.zeros(len(test)), natural_prevalence)
 

@@ -20,6 +20,10 @@ SPLITS = ("train", "dev", "test")
 STATS_FILE = "stats.json"
 
 
+class DataError(ValueError):
+    """Prepared data that no model can be trained on; the CLI prints it as one line."""
+
+
 def encode_example(comment_id: str, text: str, labels: Sequence[float]) -> bytes:
     import tensorflow as tf
 
@@ -60,6 +64,33 @@ def read_stats(data_dir: str) -> dict:
         raise FileNotFoundError(f"{path} not found: run `esp prepare-data` first")
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def labels_of(stats: dict, data_dir: str) -> tuple[str, ...]:
+    """The labels stats.json names, checked by the rule prepare-data applies: they become the
+    model's output keys and every consumer's names, so a stats.json written by hand or by an older
+    ESP must not smuggle in a name prepare-data would refuse."""
+    from esp.settings.training import label_problem
+
+    labels = stats.get("labels") if isinstance(stats, dict) else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise DataError(f"{data_dir}/{STATS_FILE}: 'labels' must be a non-empty list of names")
+    problem = label_problem(tuple(labels))
+    if problem:
+        raise DataError(f"{data_dir}/{STATS_FILE}: {problem}")
+    return tuple(labels)
+
+
+def check_learnable(labels: Sequence[str], y: np.ndarray) -> None:
+    """Refuses a label with one class only in the training rows: with no positives its threshold
+    is a placeholder and its score meaningless; with no negatives its positives weigh nothing in
+    the loss (the weight is sqrt(negatives / positives)). Either way the model would ship a label
+    it never learned, and consumers would read its scores as if it had."""
+    rows = len(y)
+    for label, positives in zip(labels, y.sum(axis=0)):
+        if positives == 0 or positives == rows:
+            which = "no" if positives == 0 else "only"
+            raise DataError(f"label {label!r} has {which} positive rows among the {rows} training rows: nothing to learn")
 
 
 def read_split(data_dir: str, split: str, num_labels: int) -> Split:

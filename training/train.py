@@ -376,8 +376,7 @@ def train(
 
         for teacher in teachers:
             load_teacher(teacher)
-    stats = records.read_stats(data_dir)
-    labels = tuple(stats["labels"])
+    labels = records.labels_of(records.read_stats(data_dir), data_dir)
     train_split = records.read_split(data_dir, "train", len(labels))
     if cross_fit is not None:
         from training.distill import fold_mask
@@ -385,10 +384,11 @@ def train(
         keep = ~fold_mask(train_split.ids, *cross_fit)
         train_split = records.Split([i for i, k in zip(train_split.ids, keep) if k], [t for t, k in zip(train_split.texts, keep) if k], train_split.labels[keep])
         logger.info("cross-fit: training on %d rows, fold %d of %d held out", len(train_split), *cross_fit)
+    records.check_learnable(labels, train_split.labels)  # the data's training rows, before any profile's cap
     train_split = train_split.head(profile.max_train_rows)
     dev_split = records.read_split(data_dir, "dev", len(labels)).head(profile.max_dev_rows)
     if len(train_split) == 0 or len(dev_split) == 0:
-        raise ValueError(f"{data_dir}: the train and dev splits must both have rows")
+        raise records.DataError(f"{data_dir}: the train and dev splits must both have rows")
 
     soft = None
     distillation = None

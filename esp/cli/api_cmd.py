@@ -6,12 +6,14 @@ import click
 
 from esp.settings import CommentSettings, FiniteFloat, LogSettings, ModelClientSettings, PubSubSettings, build, click_options
 from esp.settings.api import ApiSettings
-from esp.settings.batching import BatchingSettings
+from esp.settings.batching import API_BATCH_SIZE, BatchingSettings
 
 
 @click.group(invoke_without_command=True)
 @click_options(ApiSettings)
-@click_options(BatchingSettings)
+# Batches of 16, not the worker's 32: the API has fewer comments waiting to group by length, and
+# smaller batches pad less (measured side by side: +15-23% requests/s, docs/api.md).
+@click_options(BatchingSettings, defaults={"max_batch_size": API_BATCH_SIZE})
 @click_options(ModelClientSettings)
 @click_options(CommentSettings)
 @click_options(PubSubSettings)

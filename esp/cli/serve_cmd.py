@@ -247,8 +247,13 @@ def score(texts: tuple[str, ...], saved_model: str | None, as_json: bool, **opti
                                    "model": {"name": output.model_name, "version": output.model_version}}))
         return
     click.echo(f"model {output.model_name} version {output.model_version}")
-    width = max(8, *(len(label) for label in output.labels))
-    header = "  ".join(f"{label:>{width}}" for label in output.labels)
+    # Label names are the model's output keys, which TensorFlow lets be anything: escaped, a
+    # newline cannot break the table nor an escape sequence drive the terminal.
+    from esp.dead_letters.formatting import printable
+
+    names = [printable(label) for label in output.labels]
+    width = max(8, *(len(name) for name in names))
+    header = "  ".join(f"{name:>{width}}" for name in names)
     click.echo(f"{header}  text")
     for text, row, trunc in zip(texts, output.probabilities, output.truncated):
         cells = []

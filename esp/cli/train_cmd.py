@@ -35,7 +35,7 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
     """
     data = build(DataSettings, options)
     prep = build(PrepareDataSettings, options)
-    from beam_jobs.prepare_data import PrepareConfig, run
+    from beam_jobs.prepare_data import PrepareConfig, check_headers, run
 
     config = PrepareConfig(
         input_patterns=prep.patterns(),
@@ -55,6 +55,10 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
     for pattern in config.input_patterns:
         if not any(r.metadata_list for r in FileSystems.match([pattern])):
             raise click.BadParameter(f"{pattern!r} matches no file", param_hint="--input")
+    try:
+        check_headers(config)
+    except ValueError as exc:
+        raise EspError(str(exc)) from None
     stats = run(config, list(beam_args))
     rows = stats["rows"]
     click.echo(
@@ -62,6 +66,11 @@ def prepare_data(no_progress: bool, beam_args: tuple[str, ...], **options: objec
         f"{stats['duplicates_removed']} duplicates removed ({stats['label_conflicts']} with conflicting labels), "
         f"{stats['rejected_total']} rejected {json.dumps(stats['rejects'])}"
     )
+    if rows["total"] == 0:
+        # Every row refused (a label field the JSONL never has, say) leaves nothing to train on:
+        # a failure, not a result.
+        raise EspError(f"no comment survived preparation: {stats['rejected_total']} rejected {json.dumps(stats['rejects'])}; "
+                       f"the reasons are in {data.data_dir}/rejects-*.jsonl")
     prevalence = stats["prevalence"]["all"]
     click.echo("label prevalence: " + ", ".join(f"{k} {v:.2%}" for k, v in prevalence.items() if v is not None))
 
@@ -100,6 +109,7 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
             raise click.BadParameter(f"{teacher!r} is not a directory", param_hint="--teacher")
     from training.distill import TeacherError
     from training.pretrained import PretrainedError
+    from training.records import DataError
     from training.profiles import get_profile
     from training.pipeline import train_and_export
 
@@ -137,7 +147,7 @@ def train(overwrite: bool, no_progress: bool, **options: object) -> None:
             on_epoch=on_epoch,
             overwrite=overwrite,
         )
-    except (FileNotFoundError, FileExistsError, PretrainedError, TeacherError) as exc:
+    except (FileNotFoundError, FileExistsError, PretrainedError, TeacherError, DataError) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"exported {out['version_dir']} as model {ts.model_name} (profile {profile.name}, best epoch {out['best_epoch']}, trained in {out['train_seconds']:.0f}s)")
     click.echo(f"test mean ROC AUC {out['test']['mean_roc_auc']:.4f} (dev {out['dev_mean_roc_auc']:.4f})")
@@ -163,6 +173,7 @@ def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **opti
     from training.compare import NotComparable
     from training.evaluate import evaluate as run_evaluate
     from training.pipeline import DEFAULT_SAMPLE
+    from training.records import DataError
 
     try:
         path, _ = resolve_version_dir(model_dir)
@@ -172,7 +183,7 @@ def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **opti
     try:
         result = run_evaluate(path, data.data_dir, rs.report_dir, baselines=rs.baselines, natural_prevalence=rs.natural_toxic_prevalence,
                               sample_path=DEFAULT_SAMPLE, progress=not no_progress, compare_with=other)
-    except (FileNotFoundError, NotComparable) as exc:
+    except (FileNotFoundError, NotComparable, DataError) as exc:
         raise _fail_missing(exc) from None
     click.echo(f"{path}: test mean ROC AUC {result['model']['mean_roc_auc']:.4f} on {result['test_rows']} comments")
     if "compared_with" in result:

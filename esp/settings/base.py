@@ -168,8 +168,11 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
         raise ConfigError(str(exc)) from None
 
 
-def click_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """A decorator adding one click option per field of `cls`, each also read from its env var."""
+def click_options(cls: type, *, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per field of `cls`, each also read from its env var.
+
+    `defaults` replaces a field's default for this command only (the API's batch size).
+    """
 
     def decorate(fn: Callable) -> Callable:
         for f, base, optional in reversed(list(_fields(cls))):
@@ -180,8 +183,8 @@ def click_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Call
             kwargs: dict[str, Any] = {
                 "envvar": env,
                 "show_envvar": True,
-                "default": f.default,
-                "show_default": f.default is not None,
+                "default": (defaults or {}).get(f.name, f.default),
+                "show_default": (defaults or {}).get(f.name, f.default) is not None,
                 "help": f.metadata["help"],
             }
             if base is bool:

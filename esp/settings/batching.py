@@ -3,7 +3,9 @@ how long to wait between retries while the model server is unavailable.
 
 Defaults are chosen for one process in front of one model server: batches of 32 (where the small
 BERT's throughput levels off, DESIGN.md), two batches in flight so the model server never waits
-for the next one.
+for the next one. `esp api` defaults to batches of 16 (API_BATCH_SIZE): with a few hundred clients
+it has far fewer comments waiting than a worker's pull, and the narrower the batch, the closer in
+length its comments (docs/api.md measures it).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from dataclasses import dataclass
 from esp.settings.base import require, setting
 
 
+API_BATCH_SIZE = 16
+
+
 @dataclass(frozen=True)
 class BatchingSettings:
-    max_batch_size: int = setting(32, env="ESP_MAX_BATCH_SIZE", help="Most comments in one Predict call.")
+    max_batch_size: int = setting(32, env="ESP_MAX_BATCH_SIZE", help="Most comments in one Predict call (esp api: 16 by default).")
     max_batch_latency_ms: float = setting(
         20.0,
         env="ESP_MAX_BATCH_LATENCY_MS",

@@ -18,6 +18,16 @@ _LABEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+# Names a label cannot take, in any case: the score record's own fields and the columns the
+# backfill's BigQuery scores table has beside one column per label (beam_jobs.bigquery's
+# SCORES_FIXED_COLUMNS). In that row a label `id` would overwrite the comment id, and the flags
+# would overwrite a label `flags`.
+RESERVED_LABELS = frozenset(
+    {"schema_version", "id", "scores", "flags", "truncated", "model", "published_at", "scored_at"}
+    | {"model_name", "model_version", "run_id"}
+)
+
+
 def label_problem(labels: tuple[str, ...]) -> str | None:
     """Why these label names cannot be a model's outputs, or None when they can."""
     for label in labels:
@@ -25,8 +35,29 @@ def label_problem(labels: tuple[str, ...]) -> str | None:
             return f"label {label!r} must be 1-64 letters, digits or underscores, starting with a letter"
         if label.lower().startswith("esp_"):
             return f"label {label!r} may not start with esp_ (the model contract's own outputs do)"
-    if len(set(labels)) != len(labels):
-        return f"labels must be distinct, got {', '.join(labels)}"
+        if label.lower() in RESERVED_LABELS:
+            return f"label {label!r} is the name of a score record field or scores table column ({', '.join(sorted(RESERVED_LABELS))})"
+    # Case-insensitively: `toxic` and `TOXIC` are one Perspective attribute (TOXIC) and one
+    # BigQuery column (column names ignore case), so one label's score would stand for both.
+    seen: dict[str, str] = {}
+    for label in labels:
+        twin = seen.get(label.lower())
+        if twin is not None:
+            how = "is given twice" if twin == label else f"and {twin!r} differ only in case"
+            return f"label {label!r} {how}: labels must be distinct, ignoring case"
+        seen[label.lower()] = label
+    return None
+
+
+def columns_problem(id_column: str, text_column: str, labels: tuple[str, ...]) -> str | None:
+    """Why the id, text and label columns cannot be read together, or None when they can. A column
+    read both as the text and as a label would teach the model its own answer; as the id and as a
+    label, it would split the data by that label (the split is a hash of the id)."""
+    if not text_column:
+        return "text_column must name a column"
+    for what, column in (("text_column", text_column), ("id_column", id_column)):
+        if column in labels:
+            return f"{what} {column!r} is also one of the label_columns"
     return None
 
 
@@ -83,7 +114,7 @@ class PrepareDataSettings:
         require(all(r >= 0 for r in ratios) and math.isclose(sum(ratios), 1.0, abs_tol=1e-6), f"split ratios must be >= 0 and sum to 1, got {ratios}")
         require(self.train_ratio > 0 and self.dev_ratio > 0, "train and dev ratios must be positive")
         require(bool(self.labels()), "label_columns must name at least one column")
-        problem = label_problem(self.labels())
+        problem = label_problem(self.labels()) or columns_problem(self.id_column.strip(), self.text_column, self.labels())
         require(problem is None, str(problem))
         require(bool(self.patterns()), "input must name at least one path or glob")
         require(self.num_shards >= 0, "num_shards must be >= 0")
@@ -150,6 +181,10 @@ class TrainSettings:
         require(self.distill_alpha is None or 0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be between 0 and 1")
         require(self.distill_alpha is None or bool(self.teacher_dirs()), "distill_alpha needs --teacher")
         require(not self.distill_wide or bool(self.teacher_dirs()), "distill_wide needs --teacher")
+        # These two sat after base_path's return, where they never ran: --epochs 0 trained nothing
+        # and then failed on the empty history with a traceback.
+        require(self.epochs is None or self.epochs > 0, "epochs must be positive")
+        require(self.threads >= 0, "threads must be >= 0")
         self.fold()  # raises ValueError, which settings turn into a one-line ConfigError
 
     def teacher_dirs(self) -> tuple[str, ...]:
@@ -160,8 +195,6 @@ class TrainSettings:
 
     def base_path(self) -> str:
         return self.export_base_path or f"models/{self.model_name}"
-        require(self.epochs is None or self.epochs > 0, "epochs must be positive")
-        require(self.threads >= 0, "threads must be >= 0")
 
 
 @dataclass(frozen=True)
