@@ -249,17 +249,18 @@ def unfit_columns(have: Sequence[Column], wanted: Sequence[Column], *, can_add: 
     one the rows always fill. A table that fails this fails the write or the MERGE, after the whole run
     was scored.
     """
-    by_name = {c.name: c for c in have}
-    filled = {c.name for c in wanted if c.mode == "REQUIRED"}
+    # BigQuery column names ignore case: `ID` is the column `id`.
+    by_name = {c.name.lower(): c for c in have}
+    filled = {c.name.lower() for c in wanted if c.mode == "REQUIRED"}
     unfit = []
     for c in wanted:
-        there = by_name.get(c.name)
+        there = by_name.get(c.name.lower())
         if there is None:
             if not (can_add and c.mode == "NULLABLE"):
                 unfit.append(c.name)
         elif there.type != c.type or (there.mode == "REPEATED") != (c.mode == "REPEATED"):
             unfit.append(c.name)
-    unfit += [c.name for c in have if c.mode == "REQUIRED" and c.name not in filled]
+    unfit += [c.name for c in have if c.mode == "REQUIRED" and c.name.lower() not in filled]
     return unfit
 
 
@@ -700,8 +701,8 @@ class Finalize(beam.DoFn):
         unfit = unfit_columns(target, staging, can_add=True)
         if unfit:
             raise ConfigError(f"scores table {self._plan.scores} cannot take the scores: columns {unfit}")
-        have = {c.name for c in target}
-        missing = [c for c in staging if c.name not in have]
+        have = {c.name.lower() for c in target}
+        missing = [c for c in staging if c.name.lower() not in have]
         if not missing:
             return
         from google.cloud import bigquery

@@ -125,13 +125,15 @@ def test_an_existing_scores_table_that_cannot_take_the_scores_is_refused_before_
     assert _schema(bigquery_emulator, scores) == before, "the table is left as it was"
 
 
+@pytest.mark.parametrize("upper", [False, True])
 def test_an_existing_scores_table_that_can_take_the_scores_is_merged_into(
-    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path
+    bigquery_emulator: Any, bq_dataset: str, test_model_base: Path, upper: bool
 ) -> None:
-    """The control for the test above: the same table, unspoilt."""
+    """The control for the test above: the same table, unspoilt; also with its columns in capitals,
+    which BigQuery takes for the same names (a REQUIRED `ID` is the `id` every row fills)."""
     source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
     _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
-    _create(bigquery_emulator, scores, SCORES_SCHEMA)
+    _create(bigquery_emulator, scores, [(n.upper() if upper else n, t, m) for n, t, m in SCORES_SCHEMA])
     result = _cli("--bq-table", source, "--bq-scores-table", scores, *_cli_args(bigquery_emulator, test_model_base))
     assert result.returncode == 0 and "merged 1" in result.stdout, result.stderr[-3000:]
 
