@@ -21,6 +21,7 @@ import base64
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs import bigquery as bq
 from beam_jobs.options import new_pipeline, pipeline_options
 from esp.batcher import length_sorted_batches
-from esp.contracts import Comment, ErrorType, InvalidComment, Score, Stage, comment_from_fields, parse_comment, utc_now
+from esp.contracts import (
+    MAX_ID_CHARS,
+    Comment,
+    ErrorType,
+    InvalidComment,
+    Score,
+    Stage,
+    comment_from_fields,
+    parse_comment,
+    utc_now,
+)
 from esp.errors import EspError
 from esp.scoring import Canary, Rejected, Scored, Scorer, score_isolating
 from esp.settings import BackfillSettings, BigQuerySettings, ModelClientSettings, PubSubSettings
@@ -154,12 +165,20 @@ class DeadRow:
         return json.dumps(record, ensure_ascii=False)
 
     def to_row(self, run_id: str, source: str) -> dict[str, Any]:
+        body, reason = self.text(), self.reason
+        encoded = body.encode("utf-8")
+        if len(encoded) > bq.MAX_DEAD_LETTER_BODY_BYTES:
+            body = encoded[: bq.MAX_DEAD_LETTER_BODY_BYTES].decode("utf-8", errors="ignore")
+            reason += (
+                f" [body cut to its first {len(body.encode('utf-8'))} bytes for the table: the input is "
+                f"{len(self.body)} bytes, sha256 {hashlib.sha256(self.body).hexdigest()}]"
+            )
         return {
             "id": self.id,
-            "body": self.text(),
+            "body": body,
             "stage": self.stage,
             "error_type": self.error_type,
-            "reason": self.reason,
+            "reason": reason,
             "dead_lettered_at": self.time,
             "run_id": run_id,
             "source": source,
@@ -270,7 +289,10 @@ class ValidateRow(_Counted):
         except InvalidComment as exc:
             self.count("dead-lettered")
             body = _row_body(cid, text)
-            readable_id = cid if isinstance(cid, str) else None
+            # Only an id the contract could take goes into the id column: a source row's id can be as
+            # large as BigQuery holds (100 MB), and a dead letter must fit in one 10 MB write (the
+            # body keeps the start of it).
+            readable_id = cid if isinstance(cid, str) and len(cid) <= MAX_ID_CHARS else None
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTERS, DeadRow(body, Stage.VALIDATE, exc.error_type, exc.reason, utc_now(), readable_id)
             )
@@ -780,20 +802,15 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
                     f"table {source.table} has no column {', '.join(missing)} (it has: {', '.join(sorted(names))}); "
                     "see --id-column / --text-column"
                 )
+        if source is not None and source.query is not None:
+            _check_query(client, source, quick)
         datasets = {(t.project, t.dataset) for t in _tables_written(plan)}
         for project, dataset in sorted(datasets):
             client.get_dataset(f"{project}.{dataset}", **quick)
         if plan.sink is not None:
-            try:
-                scores = client.get_table(str(plan.sink.scores), **quick)
-            except gexc.NotFound:
-                scores = None
-            if scores is not None:
-                types = {f.name: bq._canonical_type(f.field_type) for f in scores.schema}
-                if types.get(bq.ID) != "STRING" or types.get(bq.MODEL_VERSION) != "INT64":
-                    raise ConfigError(
-                        f"{plan.sink.scores} exists but is not a scores table (needs id STRING and model_version INT64)"
-                    )
+            # The labels are the model's, known once it scores: here, the columns every scores row has.
+            _check_existing_table(client, plan.sink.scores, bq.scores_columns([]), quick)
+            _check_existing_table(client, plan.sink.dead_letters, bq.DEAD_LETTER_SCHEMA, quick)
     except gexc.NotFound as exc:
         raise ConfigError(f"BigQuery: {exc.message}") from None
     except gexc.GoogleAPICallError as exc:
@@ -802,6 +819,50 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         raise ServiceUnreachable(f"cannot reach BigQuery at {where}: {exc}") from None
     finally:
         client.close()
+
+
+def _check_query(client: Any, source: bq.BigQuerySource, quick: dict[str, Any]) -> None:
+    """A dry run of the source query (free on BigQuery): a query that does not parse, or that lacks the
+    two columns, is one line here, not a failure inside the job after it started."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    from esp.errors import ConfigError
+
+    try:
+        job = client.query(source.select_sql, job_config=bigquery.QueryJobConfig(dry_run=True), api_method="QUERY", **quick)
+    except gexc.BadRequest as exc:
+        raise ConfigError(f"--bq-query: {exc.message}") from None
+    if job.schema is None:
+        return  # no schema in the answer: the read session names a missing column soon enough
+    names = [f.name for f in job.schema]
+    missing = [c for c in (source.id_column, source.text_column) if c not in names]
+    if missing:
+        raise ConfigError(
+            f"--bq-query returns no column {', '.join(missing)} (it returns: {', '.join(names) or 'no columns'}); "
+            "see --id-column / --text-column"
+        )
+
+
+def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.Column], quick: dict[str, Any]) -> None:
+    """An existing table the run writes must take its rows; else the run would fail at its end."""
+    from google.api_core import exceptions as gexc
+
+    from esp.errors import ConfigError
+
+    try:
+        existing = client.get_table(str(table), **quick)
+    except gexc.NotFound:
+        return  # the run creates it
+    if existing.table_type != "TABLE":
+        # A view (or snapshot, external table) can have the right columns, and still take no rows.
+        raise ConfigError(f"{table} exists but is a {existing.table_type}, not a table: rows cannot be written to it")
+    unfit = bq.unfit_columns(bq.columns_of(existing), wanted)
+    if unfit:
+        raise ConfigError(
+            f"{table} exists but cannot take this run's rows: columns {', '.join(unfit)} "
+            f"(it needs {bq.describe_columns(wanted)}; other columns NULLABLE)"
+        )
 
 
 def _tables_written(plan: _BigQueryPlan) -> list[bq.TableRef]:

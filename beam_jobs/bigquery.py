@@ -48,6 +48,11 @@ DEAD_LETTER_COLUMNS = ("id", "body", "stage", "error_type", "reason", "dead_lett
 # One AppendRows request must stay under 10 MB; stay well inside it.
 APPEND_MAX_BYTES = 8 * 1024 * 1024
 APPEND_MAX_ROWS = 10_000
+# A dead letter's body in the dead-letters table is cut to this many bytes. A row must fit in one
+# AppendRows request (10 MB), and the body of a row over --max-body-bytes is as large as the input
+# made it: one huge source row used to fail the whole run at the write. The cut row says so in its
+# reason, with the whole input's size and SHA-256; the input itself stays where it was read from.
+MAX_DEAD_LETTER_BODY_BYTES = 1024 * 1024
 # BatchCommitWriteStreams takes a list of streams; commit them in slices of this many.
 COMMIT_CHUNK = 1000
 
@@ -228,12 +233,39 @@ def _schema_fields(columns: Sequence[Column]) -> list[Any]:
     return [bigquery.SchemaField(c.name, c.type, mode=c.mode, description=c.description) for c in columns]
 
 
-def _columns_of(table: Any) -> list[Column]:
+def columns_of(table: Any) -> list[Column]:
     return [Column(f.name, _canonical_type(f.field_type), f.mode or "NULLABLE") for f in table.schema]
 
 
 def _canonical_type(t: str) -> str:
     return {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL"}.get(t.upper(), t.upper())
+
+
+def unfit_columns(have: Sequence[Column], wanted: Sequence[Column], *, can_add: bool = False) -> list[str]:
+    """The columns that keep rows of `wanted` out of a table that has `have`, by name.
+
+    A wanted column must be there with its type and repetition (or, with `can_add`, be NULLABLE: such a
+    column, a label the table lacks, is added before the MERGE); a REQUIRED column of the table must be
+    one the rows always fill. A table that fails this fails the write or the MERGE, after the whole run
+    was scored.
+    """
+    # BigQuery column names ignore case: `ID` is the column `id`.
+    by_name = {c.name.lower(): c for c in have}
+    filled = {c.name.lower() for c in wanted if c.mode == "REQUIRED"}
+    unfit = []
+    for c in wanted:
+        there = by_name.get(c.name.lower())
+        if there is None:
+            if not (can_add and c.mode == "NULLABLE"):
+                unfit.append(c.name)
+        elif there.type != c.type or (there.mode == "REPEATED") != (c.mode == "REPEATED"):
+            unfit.append(c.name)
+    unfit += [c.name for c in have if c.mode == "REQUIRED" and c.name.lower() not in filled]
+    return unfit
+
+
+def describe_columns(columns: Sequence[Column]) -> str:
+    return ", ".join(f"{c.name} {c.type}" + (f" {c.mode}" if c.mode != "NULLABLE" else "") for c in columns)
 
 
 def ensure_table(
@@ -261,9 +293,9 @@ def ensure_table(
     try:
         created = client.create_table(table)
         log.info("created table %s", ref)
-        return _columns_of(created)
+        return columns_of(created)
     except gexc.Conflict:
-        return _columns_of(client.get_table(str(ref)))
+        return columns_of(client.get_table(str(ref)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +466,11 @@ class BigQuerySource:
     def describe(self) -> str:
         return str(self.table) if self.table is not None else "query"
 
+    @property
+    def select_sql(self) -> str:
+        """The query as one statement, as it is run: a trailing `;` would end the CREATE TABLE around it."""
+        return (self.query or "").strip().rstrip(";")
+
 
 @dataclasses.dataclass(frozen=True)
 class ReadTask:
@@ -479,7 +516,7 @@ class PlanRead(beam.DoFn):
         if target is None or source.query is None:
             raise ConfigError("a query source needs a table to materialise into")
         client = rest_client(self._settings, self._project)
-        query = source.query.strip().rstrip(";")
+        query = source.select_sql
         expires = f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {int(self._expiration_h)} HOUR)"
         sql = f"CREATE OR REPLACE TABLE {target.sql} OPTIONS (expiration_timestamp = {expires}) AS\n{query}"
         log.info("materialising the source query into %s", target)
@@ -578,10 +615,9 @@ class WriteRows(beam.DoFn):
         have = ensure_table(
             self._rest, self._table, wanted, partition_field=self._partition_field, clustering=self._clustering, expires=expires
         )
-        by_name = {c.name: c for c in have}
-        missing = [c.name for c in wanted if c.name not in by_name or by_name[c.name].type != c.type]
-        if missing:
-            raise ConfigError(f"table {self._table} lacks the columns {missing} (or has them with another type)")
+        unfit = unfit_columns(have, wanted)
+        if unfit:
+            raise ConfigError(f"table {self._table} cannot take these rows: columns {unfit} (wanted: {describe_columns(wanted)})")
         return wanted
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
@@ -649,7 +685,7 @@ class Finalize(beam.DoFn):
 
     def _merge(self, rest: Any) -> int:
         plan = self._plan
-        staging_columns = _columns_of(rest.get_table(str(plan.staging)))
+        staging_columns = columns_of(rest.get_table(str(plan.staging)))
         target_columns = ensure_table(
             rest, plan.scores, staging_columns, partition_field="scored_at", clustering=(MODEL_VERSION, ID)
         )
@@ -662,11 +698,11 @@ class Finalize(beam.DoFn):
         return affected
 
     def _add_missing_labels(self, rest: Any, staging: Sequence[Column], target: Sequence[Column]) -> None:
-        have = {c.name: c for c in target}
-        clashes = [c.name for c in staging if c.name in have and have[c.name].type != c.type]
-        if clashes:
-            raise ConfigError(f"scores table {self._plan.scores} has columns {clashes} of another type than the scores")
-        missing = [c for c in staging if c.name not in have]
+        unfit = unfit_columns(target, staging, can_add=True)
+        if unfit:
+            raise ConfigError(f"scores table {self._plan.scores} cannot take the scores: columns {unfit}")
+        have = {c.name.lower() for c in target}
+        missing = [c for c in staging if c.name.lower() not in have]
         if not missing:
             return
         from google.cloud import bigquery

@@ -446,7 +446,8 @@ def _utf8_len(value: str) -> int:
     return len(value.encode("utf-8", errors="surrogatepass"))
 
 
-def _encodes(value: str) -> bool:
+def encodes_utf8(value: str) -> bool:
+    """Whether UTF-8 can carry `value` (a lone surrogate, which JSON's escapes can spell, it cannot)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -456,7 +457,7 @@ def _encodes(value: str) -> bool:
 
 def attribute_problem(key: str, value: str) -> str | None:
     """Why Pub/Sub would refuse this attribute as it is, or None when it takes it."""
-    if not (_encodes(key) and _encodes(value)):
+    if not (encodes_utf8(key) and encodes_utf8(value)):
         return "not valid UTF-8"
     if not 1 <= _utf8_len(key) <= MAX_ATTRIBUTE_KEY_BYTES:
         return f"a name must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes"
@@ -696,9 +697,20 @@ def _read_esp_letter(data: bytes, attrs: dict[str, str], when: dt.datetime | Non
             from_header = _string_map(header.get("attributes"))
             if from_header is None:
                 raise ValueError("the envelope holds no attributes")
+            # ESP seals only what Pub/Sub delivered to the worker. Anything else was written by hand,
+            # and JSON can carry what Pub/Sub cannot (a lone surrogate, a `goog` name): republished,
+            # such an attribute stopped a whole replay (the client cannot even encode it), and
+            # exported, it stopped the export.
+            for key, value in from_header.items():
+                problem = attribute_problem(key, value)
+                if problem:
+                    raise ValueError(f"the envelope holds the attribute {_cut_short(key)}, which Pub/Sub refuses: {problem}")
+            sealed_key = header.get("ordering_key")
+            if isinstance(sealed_key, str) and not encodes_utf8(sealed_key):
+                raise ValueError("the envelope's ordering key is not valid UTF-8")
             original.update(from_header)
-            if isinstance(header.get("ordering_key"), str):
-                ordering_key = ordering_key or header["ordering_key"]
+            if isinstance(sealed_key, str):
+                ordering_key = ordering_key or sealed_key
         except ValueError as exc:
             problems.append(str(exc))
             body, kept = data, KEPT_DAMAGED

@@ -15,7 +15,14 @@ import hashlib
 import json
 from typing import Any
 
-from esp.contracts import KEPT_BODY_CUT, DeadLetter, as_utc, rfc3339, utc_now
+from esp.contracts import (
+    KEPT_BODY_CUT,
+    DeadLetter,
+    as_utc,
+    encodes_utf8,
+    rfc3339,
+    utc_now,
+)
 
 
 @dataclasses.dataclass
@@ -64,7 +71,10 @@ class Letter:
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return None
         cid = obj.get("id") if isinstance(obj, dict) else None
-        return cid if isinstance(cid, str) and cid else None
+        # A JSON escape can spell an id UTF-8 cannot carry (`"\\ud800"`, the contract's
+        # unencodable_text, which any producer can send): written out by export or show --json, it
+        # stopped the command. Such a body has no id to show or match; its message id still works.
+        return cid if isinstance(cid, str) and cid and encodes_utf8(cid) else None
 
     @property
     def failed_at(self) -> dt.datetime:

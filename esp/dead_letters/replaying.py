@@ -26,11 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from esp.contracts import ATTR_REPLAY_COUNT, MAX_ATTRIBUTES, MAX_PUBLISH_REQUEST_BYTES, pubsub_message_bytes
+from esp.contracts import (
+    ATTR_REPLAY_COUNT,
+    MAX_ATTRIBUTES,
+    MAX_PUBLISH_REQUEST_BYTES,
+    MAX_REPLAY_COUNT,
+    pubsub_message_bytes,
+)
 from esp.dead_letters.filters import PARKED_EXCLUDE, Filter
 from esp.dead_letters.hold import HoldSession, holding, scan_note
 from esp.dead_letters.letters import Letter
-from esp.errors import EspError
+from esp.errors import ConfigError, EspError
 from esp.pubsub import check_reachable, publisher_client, translate_errors, where
 from esp.settings import PubSubSettings
 from esp.settings.dead_letters import DeadLetterSettings
@@ -118,7 +124,8 @@ class ReplayResult:
         if self.not_replayable:
             extras.append(
                 f"{self.not_replayable} cannot be replayed as the producer sent them and are left as they are "
-                "(the log says why: a body the dead letter could not keep whole, or no room for the replay count; "
+                "(the log says why: a body the dead letter could not keep whole, no room for the replay count, or "
+                "replayed as often as the count can say; "
                 "docs/dead-letters.md)"
             )
         if self.skipped_filter:
@@ -144,6 +151,24 @@ def _topic_path(settings: PubSubSettings, topic: str) -> str:
     return topic if topic.startswith("projects/") else settings.topic_path(topic)
 
 
+def _refuse_lossy_topics(settings: PubSubSettings, to_path: str, park_path: str) -> None:
+    """Refuses topics that would lose a letter's verdict, or send a parked letter round again.
+
+    Replayed to the dead-letter topic, a comment comes back as a letter with no reason (and a
+    policy letter's own `esp_*` attributes would read as a verdict); replayed to the scores topic,
+    it reaches score consumers. Parked onto the topic replays go to (the comments topic by
+    default), a parked letter is scored again, dead-lettered again without its mark, and parked
+    again by the next replay, for ever.
+    """
+    dead_letters = _topic_path(settings, settings.dead_letter_topic)
+    if to_path in (dead_letters, _topic_path(settings, settings.scores_topic)):
+        raise ConfigError(f"--to {to_path} is the {'dead-letter' if to_path == dead_letters else 'scores'} topic: "
+                          "replay sends comments to be scored (the comments topic, or another the workers read)")
+    if park_path in (to_path, _topic_path(settings, settings.comments_topic)):
+        raise ConfigError(f"--park-topic {park_path} is a topic comments are replayed to or scored from: parked letters "
+                          "would be scored again and never stay parked (leave it unset: the dead-letter topic)")
+
+
 def replay(
     settings: PubSubSettings,
     dl_settings: DeadLetterSettings,
@@ -160,8 +185,12 @@ def replay(
     only once Pub/Sub has stored its republished copy."""
     from google.pubsub_v1 import PublisherClient
 
+    if to_topic is not None and not to_topic.strip():
+        # `--to "$TOPIC"` with TOPIC unset: replaying to the comments topic instead is not what was asked.
+        raise ConfigError("--to is empty: name the topic to replay to, or leave --to out for the comments topic")
     to_path = _topic_path(settings, to_topic or settings.comments_topic)
     park_path = _topic_path(settings, dl_settings.park_topic or settings.dead_letter_topic)
+    _refuse_lossy_topics(settings, to_path, park_path)
     result = ReplayResult(
         dry_run=dry_run, to_topic=to_path, park_topic=park_path, window=in_flight_window(dl_settings.replay_window, rate)
     )
@@ -276,6 +305,11 @@ def _cannot_replay(letter: Letter) -> str | None:
         return d.kept_note()
     if len({**d.attributes, ATTR_REPLAY_COUNT: ""}) > MAX_ATTRIBUTES:
         return f"the comment has {len(d.attributes)} attributes: no room for {ATTR_REPLAY_COUNT} (export it instead)"
+    if d.replay_count >= MAX_REPLAY_COUNT:
+        # A higher count is not believed when the comment comes back (it reads as the producer's own
+        # attribute, count 0): its history would start again, and a poison forced on with
+        # --include-parked would cycle for ever.
+        return f"replayed {d.replay_count} times already, the most {ATTR_REPLAY_COUNT} counts (export it instead)"
     return None
 
 
