@@ -106,7 +106,7 @@ bench: model
 		--chart docs/figures/serving-throughput.png
 	$(BIN)/python bench/bench_worker.py --model models/bert --json docs/figures/worker-bench.json \
 		--chart docs/figures/worker-throughput.png
-	$(BIN)/python bench/bench_api.py --model models/bert --json docs/figures/api-bench.json \
+	$(BIN)/python bench/bench_api.py --model models/bert --connections 128 --json docs/figures/api-bench.json \
 		--chart docs/figures/api-throughput.png
 
 docs: install

@@ -57,8 +57,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_load(target: str, texts: list[str], *, batch_size: int, clients: int, duration_s: float, warmup_s: float) -> dict:
-    """`clients` threads each send batches of `batch_size` back to back for `duration_s`."""
+def run_load(
+    target: str, texts: list[str], *, batch_size: int, clients: int, duration_s: float, warmup_s: float, aligned: bool = False
+) -> dict:
+    """`clients` threads each send batches of `batch_size` back to back for `duration_s`.
+
+    Client i starts at text i x 997 (so clients do not send the same texts); with `aligned`, at the
+    nearest multiple of `batch_size` instead, so every batch sent is one of `texts`' consecutive
+    groups of `batch_size` (the length-sorted groups of bench_api's ceiling).
+    """
     latencies: list[float] = []
     rows = 0
     errors = 0
@@ -70,7 +77,7 @@ def run_load(target: str, texts: list[str], *, batch_size: int, clients: int, du
 
     def client(index: int) -> None:
         nonlocal rows, errors
-        offset = index * 997
+        offset = index * 997 - (index * 997) % batch_size if aligned else index * 997
         start_gate.wait()
         while True:
             now = time.perf_counter()
