@@ -629,9 +629,11 @@ def test_replay_interrupted_with_ctrl_c_settles_what_it_sent(emulator: Any) -> N
     """SIGINT: the replay acks what it already republished, hands the rest back at once and says
     so; an immediate re-run (no lease to wait for) finishes the job with no duplicate."""
     s = fresh(emulator)
-    n = 40
+    # Paced so that the signal lands with about ten seconds of work left, not three (40 letters at
+    # 10/s): on a loaded machine the tap may see the first ten late. It failed once under load.
+    n = 60
     publish_raw(s, s.dead_letter_topic, [worker_dead_letter(f"int-{i:03d}") for i in range(n)])
-    received, output = start_replay_and_interrupt(s, signal.SIGINT, after=10, args=["--rate", "10"])
+    received, output = start_replay_and_interrupt(s, signal.SIGINT, after=10, args=["--rate", "5"])
     assert output.startswith("exit 130:") and "INTERRUPTED" in output, output
     rerun = run_cli("replay", s)
     assert rerun.exit_code == 0, rerun.output
