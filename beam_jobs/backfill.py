@@ -380,6 +380,25 @@ def _input_cut_short(exc: BaseException) -> str | None:
     return reason.split(" [while running")[0].strip()
 
 
+def _model_failure(exc: BaseException) -> str | None:
+    """The one-line reason when `exc` is the model server failing the job (unreachable past the client's
+    retry budget, or not serving the model), whether the runner re-raised the exception itself (in
+    process) or its text (other processes, Dataflow). A rerun scores the rest: the outputs are
+    keyed by comment id."""
+    from esp.scoring import ModelContractError, ModelNotFound, ModelUnavailable
+
+    kinds = (ModelUnavailable, ModelNotFound, ModelContractError)
+    if isinstance(exc, kinds):
+        text = str(exc)
+    else:
+        text = str(exc)
+        at = max(text.rfind(f"{kind.__module__}.{kind.__name__}: ") for kind in kinds)
+        if at < 0:
+            return None
+        text = text[text.index(": ", at) + 2 :]
+    return text.splitlines()[0].split(" [while running")[0].strip() if text else None
+
+
 def _row_body(cid: Any, text: Any) -> bytes:
     """The row as the JSON a dead letter keeps, whatever its columns hold (text that UTF-8 cannot
     carry, such as a lone surrogate, is kept as JSON escapes; unknown types as their str())."""
@@ -746,9 +765,12 @@ def run(config: BackfillConfig, beam_args: Sequence[str] = ()) -> Summary:
         result.wait_until_finish()
     except Exception as exc:
         cut_short = _input_cut_short(exc)
-        if cut_short is None:
-            raise
-        raise EspError(f"the backfill failed, an input file is cut short or corrupt: {cut_short}") from None
+        if cut_short is not None:
+            raise EspError(f"the backfill failed, an input file is cut short or corrupt: {cut_short}") from None
+        model_failure = _model_failure(exc)
+        if model_failure is not None:
+            raise EspError(f"the backfill stopped, the model server failed it: {model_failure}") from None
+        raise
     summary = Summary(
         read=_counter(result, "rows_read"),
         scored=_counter(result, "scored"),
@@ -777,8 +799,30 @@ def preflight(config: BackfillConfig) -> None:
     plan = _plan_bigquery(config)
     if plan.source is not None or plan.sink is not None:
         _check_bigquery(config, plan)
+    if config.backend == "tfserving":
+        _check_model_server(config, plan)
     if config.publish_scores:
         _check_topic(config.pubsub)
+
+
+def _check_model_server(config: BackfillConfig, plan: _BigQueryPlan) -> None:
+    """The model server serves the model, and its labels can be columns of the scores table.
+
+    Without it, an unreachable server surfaced after the client's whole retry budget as Beam's
+    traceback, and a label the table cannot take only when the first score arrived.
+    """
+    from esp.scoring import ScoringError
+    from serving.client import TFServingScorer
+
+    scorer = TFServingScorer.from_settings(config.client, retry_budget_s=min(10.0, config.client.model_retry_budget_s))
+    try:
+        labels = scorer.labels()
+    except ScoringError as exc:
+        raise EspError(f"the model server cannot score this backfill: {exc}") from None
+    finally:
+        scorer.close()
+    if plan.sink is not None:
+        bq.check_labels(labels)
 
 
 def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:

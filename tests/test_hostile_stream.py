@@ -292,6 +292,47 @@ def test_a_deflate_or_zstd_input_cut_short_fails_too(tmp_path: Path, test_model_
         run(BackfillConfig(input=str(cut), output=str(tmp_path / "c"), backend="saved_model", saved_model_dir=model))
 
 
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_backfill_whose_model_server_is_down_says_so_in_one_line_before_it_starts(tmp_path: Path) -> None:
+    """With no model server at --model-server, `esp backfill` ran the job, retried every batch for
+    the client's whole budget (30 s by default) and ended in Beam's traceback, 166 lines of it: a
+    start-up failure, to be said in one line before the job starts."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "text": "hello"}\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "esp.cli.main", "backfill", "--input", str(path), "--output", str(tmp_path / "out"),
+         "--backend", "tfserving", "--model-server", f"127.0.0.1:{_closed_port()}", "--model-retry-budget-s", "2",
+         "--runner=DirectRunner"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "model server cannot score this backfill" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists(), "refused before the job wrote anything"
+
+
+def test_a_model_server_lost_during_the_backfill_ends_it_in_one_line(tmp_path: Path) -> None:
+    """The same outage met by the job itself (the server went away after the pre-flight) ends the
+    run with ESP's one line, not the runner's re-raised exception."""
+    from beam_jobs.backfill import BackfillConfig, run
+    from esp.settings import ModelClientSettings
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "text": "hello"}\n', encoding="utf-8")
+    client = ModelClientSettings(model_server=f"127.0.0.1:{_closed_port()}", model_retry_budget_s=1.0)
+    with pytest.raises(EspError, match=r"^the backfill stopped, the model server failed it: Predict .* UNAVAILABLE") as caught:
+        run(BackfillConfig(input=str(path), output=str(tmp_path / "out"), backend="tfserving", client=client))
+    assert "\n" not in str(caught.value)
+
+
 def test_the_direct_runner_never_tries_the_prism_runner(tmp_path: Path, test_model_base: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Beam 2.77's DirectRunner first tries Prism, downloading it from GitHub (a network call on
     every local run; online, a runner ESP is not tested on); ESP's pipelines stay off it."""
