@@ -797,16 +797,15 @@ def preflight(config: BackfillConfig) -> None:
         if not FileSystems.match([config.input])[0].metadata_list:
             raise ConfigError(f"--input {config.input!r} matches no file")
     plan = _plan_bigquery(config)
+    labels = _check_model_server(config, plan) if config.backend == "tfserving" else None
     if plan.source is not None or plan.sink is not None:
-        _check_bigquery(config, plan)
-    if config.backend == "tfserving":
-        _check_model_server(config, plan)
+        _check_bigquery(config, plan, labels)
     if config.publish_scores:
         _check_topic(config.pubsub)
 
 
-def _check_model_server(config: BackfillConfig, plan: _BigQueryPlan) -> None:
-    """The model server serves the model, and its labels can be columns of the scores table.
+def _check_model_server(config: BackfillConfig, plan: _BigQueryPlan) -> tuple[str, ...]:
+    """The model server serves the model, and its labels can be columns of the scores table; returns them.
 
     Without it, an unreachable server surfaced after the client's whole retry budget as Beam's
     traceback, and a label the table cannot take only when the first score arrived.
@@ -823,9 +822,10 @@ def _check_model_server(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         scorer.close()
     if plan.sink is not None:
         bq.check_labels(labels)
+    return labels
 
 
-def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
+def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan, labels: Sequence[str] | None) -> None:
     from google.api_core import exceptions as gexc
     from google.api_core.retry import Retry
 
@@ -852,8 +852,9 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan) -> None:
         for project, dataset in sorted(datasets):
             client.get_dataset(f"{project}.{dataset}", **quick)
         if plan.sink is not None:
-            # The labels are the model's, known once it scores: here, the columns every scores row has.
-            _check_existing_table(client, plan.sink.scores, bq.scores_columns([]), quick)
+            # The label columns are the model's: checked when the model server named them (a SavedModel is
+            # read only by the job); a label column the table lacks is added before the MERGE.
+            _check_existing_table(client, plan.sink.scores, bq.scores_columns(labels or []), quick, addable=labels or ())
             _check_existing_table(client, plan.sink.dead_letters, bq.DEAD_LETTER_SCHEMA, quick)
     except gexc.NotFound as exc:
         raise ConfigError(f"BigQuery: {exc.message}") from None
@@ -888,7 +889,9 @@ def _check_query(client: Any, source: bq.BigQuerySource, quick: dict[str, Any]) 
         )
 
 
-def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.Column], quick: dict[str, Any]) -> None:
+def _check_existing_table(
+    client: Any, table: bq.TableRef, wanted: Sequence[bq.Column], quick: dict[str, Any], *, addable: Sequence[str] = ()
+) -> None:
     """An existing table the run writes must take its rows; else the run would fail at its end."""
     from google.api_core import exceptions as gexc
 
@@ -901,7 +904,7 @@ def _check_existing_table(client: Any, table: bq.TableRef, wanted: Sequence[bq.C
     if existing.table_type != "TABLE":
         # A view (or snapshot, external table) can have the right columns, and still take no rows.
         raise ConfigError(f"{table} exists but is a {existing.table_type}, not a table: rows cannot be written to it")
-    unfit = bq.unfit_columns(bq.columns_of(existing), wanted)
+    unfit = bq.unfit_columns(bq.columns_of(existing), wanted, addable=addable)
     if unfit:
         raise ConfigError(
             f"{table} exists but cannot take this run's rows: columns {', '.join(unfit)} "

@@ -22,7 +22,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -241,11 +241,14 @@ def _canonical_type(t: str) -> str:
     return {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL"}.get(t.upper(), t.upper())
 
 
-def unfit_columns(have: Sequence[Column], wanted: Sequence[Column], *, can_add: bool = False) -> list[str]:
+def unfit_columns(
+    have: Sequence[Column], wanted: Sequence[Column], *, can_add: bool = False, addable: Collection[str] = ()
+) -> list[str]:
     """The columns that keep rows of `wanted` out of a table that has `have`, by name.
 
     A wanted column must be there with its type and repetition (or, with `can_add`, be NULLABLE: such a
-    column, a label the table lacks, is added before the MERGE); a REQUIRED column of the table must be
+    column, a label the table lacks, is added before the MERGE; `addable` names the columns that may be
+    added so, when only some may); a REQUIRED column of the table must be
     one the rows always fill. A table that fails this fails the write or the MERGE, after the whole run
     was scored.
     """
@@ -256,7 +259,7 @@ def unfit_columns(have: Sequence[Column], wanted: Sequence[Column], *, can_add: 
     for c in wanted:
         there = by_name.get(c.name.lower())
         if there is None:
-            if not (can_add and c.mode == "NULLABLE"):
+            if not ((can_add or c.name in addable) and c.mode == "NULLABLE"):
                 unfit.append(c.name)
         elif there.type != c.type or (there.mode == "REPEATED") != (c.mode == "REPEATED"):
             unfit.append(c.name)
