@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,15 +46,22 @@ def find_vocab(path: Path) -> Path:
     raise PretrainedError(f"{path}: no vocabulary found (looked for {', '.join(_VOCAB_CANDIDATES)})")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file of the user's directory that must hold an object: anything else is a PretrainedError
+    naming the file (a list or a string holding "model_type" would otherwise pass `in` and crash on `.get`)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PretrainedError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise PretrainedError(f"{path}: not a JSON object")
+    return value
+
+
 def is_hf_directory(root: Path) -> bool:
     """A Hugging Face model directory: its config.json names a `model_type` (keras-hub's names a class)."""
     config = root / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return False
+    return config.is_file() and "model_type" in read_json_object(config)
 
 
 def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
@@ -75,12 +83,21 @@ def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
             f"{root}: not a Hugging Face BERT (config.json with model_type), a keras-hub preset (config.json) "
             "or a TF BERT checkpoint (bert_config.json)"
         )
+    _check_finite(root, backbone)
     with open(vocab, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
     if vocab_size != backbone.vocabulary_size:
         raise PretrainedError(f"{root}: vocabulary has {vocab_size} entries but the model expects {backbone.vocabulary_size}")
     logger.info("loaded pretrained BERT from %s: %d layers, %d wide", root, backbone.num_layers, backbone.hidden_dim)
     return backbone, vocab
+
+
+def _check_finite(root: Path, backbone) -> None:
+    """No loader checks the numbers themselves: a NaN or an infinity in a weight would be fine-tuned
+    into a model that scores NaN, after the whole training run."""
+    for weight in backbone.weights:
+        if not np.isfinite(np.asarray(weight.numpy())).all():
+            raise PretrainedError(f"{root}: the weight {weight.path} holds values that are not finite (NaN or infinity)")
 
 
 def _load_preset(root: Path):
@@ -156,10 +173,7 @@ def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
 
     tokens = None
     if (root / "tokenizer.json").is_file():
-        try:
-            tokenizer = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PretrainedError(f"{root / 'tokenizer.json'}: not valid JSON ({exc})") from None
+        tokenizer = read_json_object(root / "tokenizer.json")
         tokens = check_hf_tokenizer(tokenizer, str(root / "tokenizer.json"))
     if (root / "vocab.txt").is_file():
         listed = read_vocab(root / "vocab.txt")
@@ -170,7 +184,7 @@ def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
             raise PretrainedError(f"{root}: vocab.txt and tokenizer.json disagree on the vocabulary")
     if tokens is None:
         raise PretrainedError(f"{root}: no tokenizer.json or vocab.txt: the vocabulary is unknown")
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(root / "config.json")
     if config.get("vocab_size") != len(tokens):
         raise PretrainedError(f"{root}: the vocabulary has {len(tokens)} tokens but config.json says vocab_size {config.get('vocab_size')}")
     shipped = shipped_vocab_path(cache_dir)
@@ -191,7 +205,7 @@ def _check_tokenizer_config(root: Path) -> None:
     path = root / "tokenizer_config.json"
     if not path.is_file():
         return
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path)
     if config.get("do_lower_case") is False:
         raise PretrainedError(f"{path}: the model is cased (do_lower_case false); ESP's in-graph tokenizer lower-cases")
     if config.get("strip_accents") is False:
@@ -203,7 +217,7 @@ def _check_tokenizer_config(root: Path) -> None:
 def _load_hf(root: Path):
     import keras_hub
 
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(root / "config.json")
     if config.get("model_type") != "bert":
         raise PretrainedError(f"{root}: model_type is {config.get('model_type')!r}; ESP fine-tunes BERT-architecture encoders")
     if not ((root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()):
@@ -213,9 +227,27 @@ def _load_hf(root: Path):
     except ImportError:
         raise PretrainedError("loading Hugging Face weights needs the safetensors package: pip install -e '.[training]'") from None
     try:
-        return keras_hub.models.BertBackbone.from_preset(str(root))
+        backbone = keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed checkpoint
         raise PretrainedError(f"{root}: cannot load the Hugging Face weights: {exc}") from exc
+    # keras-hub builds the layers config.json counts and reads only those: a file with more would
+    # be silently cut down (to the embeddings alone for 0), so the file's layers must be exactly those.
+    layers = {int(m.group(1)) for name in _hf_tensor_names(root) if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
+    if layers != set(range(backbone.num_layers)):
+        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says "
+                              f"num_hidden_layers {config.get('num_hidden_layers')!r}")
+    return backbone
+
+
+def _hf_tensor_names(root: Path) -> list[str]:
+    """The tensor names of a Hugging Face checkpoint (one file or a sharded index)."""
+    if (root / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(root / "model.safetensors"), framework="np") as f:
+            return list(f.keys())
+    weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
+    return list(weight_map) if isinstance(weight_map, dict) else []
 
 
 def _load_tf_checkpoint(root: Path):
@@ -224,7 +256,7 @@ def _load_tf_checkpoint(root: Path):
     from training.model import build_backbone
     from training.profiles import Profile
 
-    config = json.loads((root / "bert_config.json").read_text())
+    config = read_json_object(root / "bert_config.json")
     prefix = tf.train.latest_checkpoint(str(root))
     if prefix is None:
         candidates = sorted(root.glob("*.ckpt.index")) or sorted(root.glob("*.index"))
