@@ -120,3 +120,24 @@ def test_a_cached_model_without_its_weights_is_not_used(tmp_path: Path) -> None:
     (target / PROVENANCE_FILE).write_text("{}")
     with pytest.raises(WeightsError, match="model.safetensors"):
         resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))
+
+
+@pytest.mark.parametrize("changes", [
+    {"num_hidden_layers": 10**6},  # would build a million layers before reading a weight
+    {"num_hidden_layers": "2"},
+    {"hidden_size": 10**7},  # a 300-GB embedding allocated before any shape check
+    {"vocab_size": 10**9},
+    {"max_position_embeddings": 10**9},
+    {"intermediate_size": 10**9},
+])
+def test_config_sizes_that_are_not_the_weights_are_refused_before_building(bert: Path, tmp_path: Path, changes: dict) -> None:
+    _edit_config(bert, **changes)
+    with pytest.raises(PretrainedError, match=next(iter(changes))):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_safetensors_header_that_lies_is_refused(bert: Path, tmp_path: Path) -> None:
+    data = (bert / "model.safetensors").read_bytes()
+    (bert / "model.safetensors").write_bytes((1 << 62).to_bytes(8, "little") + data[8:])
+    with pytest.raises(PretrainedError, match="model.safetensors"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))

@@ -226,28 +226,49 @@ def _load_hf(root: Path):
         import safetensors  # noqa: F401  (keras-hub reads Hugging Face weights through it)
     except ImportError:
         raise PretrainedError("loading Hugging Face weights needs the safetensors package: pip install -e '.[training]'") from None
+    _check_config_against_weights(root, config)
     try:
-        backbone = keras_hub.models.BertBackbone.from_preset(str(root))
+        return keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed checkpoint
         raise PretrainedError(f"{root}: cannot load the Hugging Face weights: {exc}") from exc
-    # keras-hub builds the layers config.json counts and reads only those: a file with more would
-    # be silently cut down (to the embeddings alone for 0), so the file's layers must be exactly those.
-    layers = {int(m.group(1)) for name in _hf_tensor_names(root) if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
-    if layers != set(range(backbone.num_layers)):
-        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says "
-                              f"num_hidden_layers {config.get('num_hidden_layers')!r}")
-    return backbone
 
 
-def _hf_tensor_names(root: Path) -> list[str]:
-    """The tensor names of a Hugging Face checkpoint (one file or a sharded index)."""
-    if (root / "model.safetensors").is_file():
-        from safetensors import safe_open
+# config.json sizes that allocate, and a tensor whose shape is those sizes (PyTorch's [out, in]).
+_SIZED_TENSORS = {
+    "embeddings.word_embeddings.weight": ("vocab_size", "hidden_size"),
+    "embeddings.position_embeddings.weight": ("max_position_embeddings", "hidden_size"),
+    "encoder.layer.0.intermediate.dense.weight": ("intermediate_size", "hidden_size"),
+}
 
+
+def _check_config_against_weights(root: Path, config: dict) -> None:
+    """keras-hub builds what config.json says, then reads just that from the weights: more layers in
+    the file were silently dropped (0 layers: the embeddings alone), and a huge size was allocated
+    (or hung) before any shape was compared. So config.json must describe the file, before building."""
+    shapes = _hf_tensor_shapes(root)
+    layers = {int(m.group(1)) for name in shapes if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
+    declared = config.get("num_hidden_layers")
+    if not isinstance(declared, int) or layers != set(range(declared)):
+        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says num_hidden_layers {declared!r}")
+    for suffix, keys in _SIZED_TENSORS.items():
+        shape = next((shape for name, shape in shapes.items() if name == suffix or name.endswith("." + suffix)), None)
+        expected = [config.get(key) for key in keys]
+        if shape is not None and shape != expected:
+            raise PretrainedError(f"{root}: {suffix} is {shape} but config.json says {' x '.join(f'{k} {v!r}' for k, v in zip(keys, expected))}")
+
+
+def _hf_tensor_shapes(root: Path) -> dict[str, list[int] | None]:
+    """Tensor name -> shape, from the safetensors header alone (None: in a shard, not read here)."""
+    if not (root / "model.safetensors").is_file():
+        weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
+        return dict.fromkeys(weight_map) if isinstance(weight_map, dict) else {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
         with safe_open(str(root / "model.safetensors"), framework="np") as f:
-            return list(f.keys())
-    weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
-    return list(weight_map) if isinstance(weight_map, dict) else []
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise PretrainedError(f"{root / 'model.safetensors'}: not a readable safetensors file ({exc})") from None
 
 
 def _load_tf_checkpoint(root: Path):
