@@ -141,3 +141,75 @@ def test_a_safetensors_header_that_lies_is_refused(bert: Path, tmp_path: Path) -
     (bert / "model.safetensors").write_bytes((1 << 62).to_bytes(8, "little") + data[8:])
     with pytest.raises(PretrainedError, match="model.safetensors"):
         load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+TF_CONFIG = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+
+
+def write_google_checkpoint(path: Path, *, layers: int = 1, change: dict | None = None, drop: str | None = None, transpose: str | None = None) -> None:
+    """A Google-BERT-layout TF checkpoint (bert_config.json, vocab.txt, bert_model.ckpt) of a random
+    16-wide BERT; `drop` leaves a variable out, `transpose` stores one kernel [out, in]."""
+    import tensorflow as tf
+
+    from training.preprocess import shipped_vocab_path
+    from training.pretrained import google_checkpoint_names
+
+    vocab = Path(shipped_vocab_path()).read_text(encoding="utf-8")
+    config = {**TF_CONFIG, "vocab_size": len(vocab.splitlines()), **(change or {})}
+    rng = np.random.default_rng(0)
+    hidden, inter = TF_CONFIG["hidden_size"], TF_CONFIG["intermediate_size"]
+    variables = {}
+    for theirs in google_checkpoint_names(layers).values():
+        if theirs == drop:
+            continue
+        if "word_embeddings" in theirs:
+            shape = (len(vocab.splitlines()), hidden)
+        elif "position_embeddings" in theirs:
+            shape = (64, hidden)
+        elif "token_type" in theirs:
+            shape = (2, hidden)
+        elif theirs.endswith("intermediate/dense/kernel"):
+            shape = (hidden, inter)
+        elif theirs.endswith("intermediate/dense/bias"):
+            shape = (inter,)
+        elif theirs.endswith("/output/dense/kernel") and "attention" not in theirs:
+            shape = (inter, hidden)
+        elif theirs.endswith("kernel"):
+            shape = (hidden, hidden)
+        else:
+            shape = (hidden,)
+        value = rng.normal(0, 0.2, size=shape).astype(np.float32)
+        variables[theirs] = tf.Variable(value.T if theirs == transpose else value, name=theirs.replace("/", "_"))
+    path.mkdir(parents=True)
+    tf.compat.v1.train.Saver(var_list=variables).save(None, str(path / "bert_model.ckpt"))
+    (path / "vocab.txt").write_text(vocab, encoding="utf-8")
+    (path / "bert_config.json").write_text(json.dumps(config))
+
+
+def test_a_good_google_checkpoint_loads(tmp_path: Path) -> None:
+    write_google_checkpoint(tmp_path / "bert")
+    backbone, _ = load_pretrained(tmp_path / "bert")
+    assert backbone.num_layers == 1
+
+
+@pytest.mark.parametrize("change", [{"num_attention_heads": None}, {"hidden_size": "wide"}, {"num_hidden_layers": 10**6}, {"num_hidden_layers": 0}])
+def test_a_bert_config_that_does_not_describe_the_checkpoint_is_refused(tmp_path: Path, change: dict) -> None:
+    # A missing key was a KeyError, a word an int() ValueError (tracebacks at the CLI); a million
+    # layers were built before a variable was read; 0 layers dropped the checkpoint's one silently.
+    write_google_checkpoint(tmp_path / "bert", change=change)
+    with pytest.raises(PretrainedError, match="bert_config.json"):
+        load_pretrained(tmp_path / "bert")
+
+
+def test_a_checkpoint_without_a_variable_is_refused(tmp_path: Path) -> None:
+    write_google_checkpoint(tmp_path / "bert", drop="bert/pooler/dense/bias")
+    with pytest.raises(PretrainedError, match="bert/pooler/dense/bias"):
+        load_pretrained(tmp_path / "bert")
+
+
+def test_a_transposed_kernel_is_refused_not_reshaped(tmp_path: Path) -> None:
+    # [32, 16] holds as many numbers as [16, 32]: only the size was compared, so it was reshaped
+    # into the layer, scrambling the weights without a word.
+    write_google_checkpoint(tmp_path / "bert", transpose="bert/encoder/layer_0/intermediate/dense/kernel")
+    with pytest.raises(PretrainedError, match="intermediate/dense/kernel"):
+        load_pretrained(tmp_path / "bert")

@@ -284,19 +284,42 @@ def _load_tf_checkpoint(root: Path):
         if not candidates:
             raise PretrainedError(f"{root}: no TF checkpoint (*.index) found")
         prefix = str(candidates[0])[: -len(".index")]
-    reader = tf.train.load_checkpoint(prefix)
-    profile = Profile(
-        name="pretrained",
-        description="from a TF checkpoint",
-        num_layers=int(config["num_hidden_layers"]),
-        num_heads=int(config["num_attention_heads"]),
-        hidden_dim=int(config["hidden_size"]),
-        intermediate_dim=int(config["intermediate_size"]),
-        max_seq_len=int(config.get("max_position_embeddings", 512)),
-        dropout=float(config.get("hidden_dropout_prob", 0.1)),
-    )
-    backbone = build_backbone(profile, int(config["vocab_size"]))
-    assign_google_checkpoint(backbone, reader.get_tensor)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise PretrainedError(f"{prefix}: not a readable TF checkpoint ({exc})") from None
+    shapes = reader.get_variable_to_shape_map()
+    where = root / "bert_config.json"
+    try:
+        profile = Profile(
+            name="pretrained",
+            description="from a TF checkpoint",
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            hidden_dim=int(config["hidden_size"]),
+            intermediate_dim=int(config["intermediate_size"]),
+            max_seq_len=int(config.get("max_position_embeddings", 512)),
+            dropout=float(config.get("hidden_dropout_prob", 0.1)),
+        )
+        vocab_size = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:  # a key missing, or a value that is no number
+        raise PretrainedError(f"{where}: missing or malformed setting ({type(exc).__name__}: {exc})") from None
+    # As for Hugging Face weights: the model is built from the config, so the config must describe
+    # the checkpoint before anything is built (a million layers hung; fewer than stored were dropped).
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"bert/encoder/layer_(\d+)/", name))}
+    if layers != set(range(profile.num_layers)):
+        raise PretrainedError(f"{where}: num_hidden_layers is {profile.num_layers} but the checkpoint holds encoder layers {sorted(layers)}")
+    word = shapes.get("bert/embeddings/word_embeddings")
+    if word is not None and word != [vocab_size, profile.hidden_dim]:
+        raise PretrainedError(f"{where}: vocab_size {vocab_size} x hidden_size {profile.hidden_dim} but bert/embeddings/word_embeddings is {word}")
+
+    def get(name: str) -> np.ndarray:
+        if name not in shapes:
+            raise PretrainedError(f"{prefix}: the checkpoint has no variable {name}")
+        return reader.get_tensor(name)
+
+    backbone = build_backbone(profile, vocab_size)
+    assign_google_checkpoint(backbone, get)
     return backbone
 
 
@@ -342,6 +365,19 @@ def assign_google_checkpoint(backbone, get) -> None:
         value = np.asarray(get(theirs))
         if ours.startswith("position_embedding/"):
             value = value[: weight.shape[0]]
-        if value.size != int(np.prod(weight.shape)):
-            raise PretrainedError(f"checkpoint tensor {theirs} has shape {value.shape}, the model needs {tuple(weight.shape)}")
+        # The shape itself, not only the size: a kernel stored [out, in] has the numbers of [in, out]
+        # and would be reshaped into the layer, scrambled without a word.
+        if value.shape != _google_shape(ours, tuple(weight.shape)):
+            raise PretrainedError(f"checkpoint tensor {theirs} has shape {value.shape}, the model needs {_google_shape(ours, tuple(weight.shape))}")
         weight.assign(value.reshape(tuple(weight.shape)))
+
+
+def _google_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Google's shape for one of our weights: attention kept whole where keras-hub splits it per head."""
+    if "/self_attention_layer/attention_output/kernel" in ours:  # [heads, head_dim, hidden]
+        return (shape[0] * shape[1], shape[2])
+    if "/self_attention_layer/" in ours and len(shape) == 3:  # query/key/value kernel [hidden, heads, head_dim]
+        return (shape[0], shape[1] * shape[2])
+    if "/self_attention_layer/" in ours and len(shape) == 2:  # query/key/value bias [heads, head_dim]
+        return (shape[0] * shape[1],)
+    return shape
