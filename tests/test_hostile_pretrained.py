@@ -213,3 +213,23 @@ def test_a_transposed_kernel_is_refused_not_reshaped(tmp_path: Path) -> None:
     write_google_checkpoint(tmp_path / "bert", transpose="bert/encoder/layer_0/intermediate/dense/kernel")
     with pytest.raises(PretrainedError, match="intermediate/dense/kernel"):
         load_pretrained(tmp_path / "bert")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", json.dumps({"weights_file": "model.safetensors", "weights_sha256": "0" * 64})])
+def test_a_provenance_file_that_does_not_describe_the_weights_is_not_recorded(bert: Path, text: str) -> None:
+    # ESP_PROVENANCE.json in a user's --pretrained directory was read after the whole training:
+    # not JSON crashed the export (a traceback, the run lost), and one copied beside other weights
+    # recorded their hash as the pinned one in the model info.
+    from training.pipeline import _provenance
+
+    (bert / PROVENANCE_FILE).write_text(text)
+    assert _provenance(str(bert)) is None
+
+
+def test_a_provenance_file_that_describes_the_weights_is_recorded(bert: Path) -> None:
+    from training.pipeline import _provenance
+    from training.weights import sha256_file
+
+    record = {"weights_file": "model.safetensors", "weights_sha256": sha256_file(bert / "model.safetensors"), "licence": "Apache-2.0"}
+    (bert / PROVENANCE_FILE).write_text(json.dumps(record))
+    assert _provenance(str(bert)) == record
