@@ -243,3 +243,22 @@ def test_a_cached_model_missing_a_file_is_not_used(tmp_path: Path) -> None:
     (target / "tokenizer.json").unlink()
     with pytest.raises(WeightsError, match="tokenizer.json"):
         resolve(SOURCE.name, tmp_path / "cache", weights_sha256=_sha(WEIGHTS))
+
+
+def test_a_vocab_txt_that_is_not_utf8_is_refused(bert: Path, tmp_path: Path) -> None:
+    (bert / "tokenizer.json").unlink()
+    (bert / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(PretrainedError, match="vocab.txt"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(("old", "new"), [(b"[CLS]\n", b"[CLX]\n"), (b"[unused0]\n", b"the\n"), (b"[unused1]", b"\xff\xfe")])
+def test_a_checkpoint_vocabulary_the_tokenizer_cannot_use_is_refused(tmp_path: Path, old: bytes, new: bytes) -> None:
+    # Only the line count was compared with the model: a vocabulary without [CLS] failed later in
+    # the Preprocessor (a ValueError traceback after the load), a repeated token in TF's lookup
+    # table, and one not UTF-8 was a UnicodeDecodeError traceback.
+    write_google_checkpoint(tmp_path / "bert")
+    vocab = tmp_path / "bert" / "vocab.txt"
+    vocab.write_bytes(vocab.read_bytes().replace(old, new, 1))
+    with pytest.raises(PretrainedError, match="vocab.txt"):
+        load_pretrained(tmp_path / "bert")

@@ -20,6 +20,7 @@ came with the weights, so a pretrained model and ESP's serving graph read text i
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -84,8 +85,7 @@ def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
             "or a TF BERT checkpoint (bert_config.json)"
         )
     _check_finite(root, backbone)
-    with open(vocab, encoding="utf-8") as f:
-        vocab_size = sum(1 for _ in f)
+    vocab_size = len(read_vocab_file(vocab))
     if vocab_size != backbone.vocabulary_size:
         raise PretrainedError(f"{root}: vocabulary has {vocab_size} entries but the model expects {backbone.vocabulary_size}")
     logger.info("loaded pretrained BERT from %s: %d layers, %d wide", root, backbone.num_layers, backbone.hidden_dim)
@@ -165,6 +165,22 @@ def _vocab_in_id_order(vocab: dict, where: str) -> list[str]:
     return [t for t in tokens if t is not None]
 
 
+def read_vocab_file(path: Path) -> list[str]:
+    """A one-token-a-line vocabulary, checked as tokenizer.json's is. Counting its lines was not
+    enough: not UTF-8 was a UnicodeDecodeError, a missing [CLS] a ValueError from the Preprocessor
+    and a repeated token an error from TF's lookup table, all tracebacks after the load."""
+    from training.preprocess import read_vocab
+
+    try:
+        listed = read_vocab(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PretrainedError(f"{path}: not a readable UTF-8 vocabulary ({exc})") from None
+    repeated = next((t for t, n in collections.Counter(listed).items() if n > 1), None)
+    if repeated is not None:
+        raise PretrainedError(f"{path}: the token {repeated!r} is listed more than once")
+    return _vocab_in_id_order({t: i for i, t in enumerate(listed)}, str(path))
+
+
 def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
     """The checked vocabulary of a Hugging Face directory, as the one-token-a-line file the in-graph
     tokenizer reads: the shipped vocabulary file itself when they are token for token equal (so the
@@ -176,10 +192,10 @@ def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
         tokenizer = read_json_object(root / "tokenizer.json")
         tokens = check_hf_tokenizer(tokenizer, str(root / "tokenizer.json"))
     if (root / "vocab.txt").is_file():
-        listed = read_vocab(root / "vocab.txt")
+        listed = read_vocab_file(root / "vocab.txt")
         if tokens is None:
             _check_tokenizer_config(root)
-            tokens = _vocab_in_id_order({t: i for i, t in enumerate(listed)}, str(root / "vocab.txt"))
+            tokens = listed
         elif listed != tokens:
             raise PretrainedError(f"{root}: vocab.txt and tokenizer.json disagree on the vocabulary")
     if tokens is None:
