@@ -262,3 +262,25 @@ def test_a_checkpoint_vocabulary_the_tokenizer_cannot_use_is_refused(tmp_path: P
     vocab.write_bytes(vocab.read_bytes().replace(old, new, 1))
     with pytest.raises(PretrainedError, match="vocab.txt"):
         load_pretrained(tmp_path / "bert")
+
+
+@pytest.mark.parametrize("spoil", ["config", "tokenizer_config"])
+def test_cli_refuses_a_hostile_pretrained_directory_in_one_line(bert: Path, tiny_training, tmp_path: Path, spoil: str) -> None:
+    if spoil == "config":
+        (bert / "config.json").write_text('["model_type"]')
+    else:
+        tokens = json.loads((bert / "tokenizer.json").read_text())["model"]["vocab"]
+        (bert / "tokenizer.json").unlink()
+        (bert / "vocab.txt").write_text("".join(t + "\n" for t in sorted(tokens, key=tokens.get)))
+        (bert / "tokenizer_config.json").write_text("{not json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "esp.cli.main", "train", "--profile", "tiny", "--pretrained", str(bert), "--max-train-rows", "200",
+         "--data-dir", str(tiny_training.data_dir), "--export-base-path", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"),
+         "--report-dir", str(tmp_path / "report"), "--no-baselines", "--no-progress"],
+        check=False, capture_output=True, text=True, env=env, timeout=300,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("esp: error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and f"{spoil}.json" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "models").exists()
