@@ -192,7 +192,9 @@ def test_a_good_google_checkpoint_loads(tmp_path: Path) -> None:
     assert backbone.num_layers == 1
 
 
-@pytest.mark.parametrize("change", [{"num_attention_heads": None}, {"hidden_size": "wide"}, {"num_hidden_layers": 10**6}, {"num_hidden_layers": 0}])
+@pytest.mark.parametrize("change", [{"num_attention_heads": None}, {"hidden_size": "wide"}, {"num_hidden_layers": 10**6}, {"num_hidden_layers": 0},
+                                    {"intermediate_size": 10**9}, {"max_position_embeddings": 10**9}, {"num_attention_heads": 3},
+                                    {"num_attention_heads": 0}])
 def test_a_bert_config_that_does_not_describe_the_checkpoint_is_refused(tmp_path: Path, change: dict) -> None:
     # A missing key was a KeyError, a word an int() ValueError (tracebacks at the CLI); a million
     # layers were built before a variable was read; 0 layers dropped the checkpoint's one silently.

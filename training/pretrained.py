@@ -325,9 +325,17 @@ def _load_tf_checkpoint(root: Path):
     layers = {int(m.group(1)) for name in shapes if (m := re.match(r"bert/encoder/layer_(\d+)/", name))}
     if layers != set(range(profile.num_layers)):
         raise PretrainedError(f"{where}: num_hidden_layers is {profile.num_layers} but the checkpoint holds encoder layers {sorted(layers)}")
-    word = shapes.get("bert/embeddings/word_embeddings")
-    if word is not None and word != [vocab_size, profile.hidden_dim]:
-        raise PretrainedError(f"{where}: vocab_size {vocab_size} x hidden_size {profile.hidden_dim} but bert/embeddings/word_embeddings is {word}")
+    if profile.num_heads < 1 or profile.hidden_dim % profile.num_heads:  # 0 heads was a ZeroDivisionError
+        raise PretrainedError(f"{where}: hidden_size {profile.hidden_dim} is not a multiple of num_attention_heads {profile.num_heads}")
+    # The sizes that allocate, against the stored tensors (a huge one ran out of memory in the build).
+    sized = {"bert/embeddings/word_embeddings": [vocab_size, profile.hidden_dim],
+             "bert/encoder/layer_0/intermediate/dense/kernel": [profile.hidden_dim, profile.intermediate_dim]}
+    for name, expected in sized.items():
+        if name in shapes and shapes[name] != expected:
+            raise PretrainedError(f"{where}: the sizes say {name} is {expected} but the checkpoint's is {shapes[name]}")
+    positions = shapes.get("bert/embeddings/position_embeddings", [profile.max_seq_len])[0]  # none: get() says so
+    if positions < profile.max_seq_len:  # fewer are fine (the first ones are used), more are not there
+        raise PretrainedError(f"{where}: max_position_embeddings {profile.max_seq_len} but the checkpoint stores {positions} positions")
 
     def get(name: str) -> np.ndarray:
         if name not in shapes:
