@@ -286,3 +286,28 @@ def test_cli_refuses_a_hostile_pretrained_directory_in_one_line(bert: Path, tiny
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and f"{spoil}.json" in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.bool_])
+def test_weights_stored_as_integers_are_refused(bert: Path, tmp_path: Path, dtype) -> None:
+    # keras assigns an int8 tensor (a quantised export, its scales elsewhere) into a float variable
+    # without a word: the raw integers would be fine-tuned as if they were the weights.
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    tensors[name] = (tensors[name] * 100).astype(dtype)
+    save_file(tensors, str(bert / "model.safetensors"))
+    with pytest.raises(PretrainedError, match=name):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_integer_buffer_beside_the_weights_is_fine(bert: Path, tmp_path: Path) -> None:
+    # Older Hugging Face BERT files carry embeddings.position_ids (int64), a buffer, not a weight.
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    tensors["embeddings.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    save_file(tensors, str(bert / "model.safetensors"))
+    backbone, _ = load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+    assert backbone.num_layers == 2

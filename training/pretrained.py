@@ -261,7 +261,13 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
     """keras-hub builds what config.json says, then reads just that from the weights: more layers in
     the file were silently dropped (0 layers: the embeddings alone), and a huge size was allocated
     (or hung) before any shape was compared. So config.json must describe the file, before building."""
-    shapes = _hf_tensor_shapes(root)
+    headers = _hf_tensor_headers(root)
+    shapes = {name: header and header[1] for name, header in headers.items()}
+    # keras assigns an integer tensor into a float weight without a word (a quantised export's raw
+    # int8, its scales elsewhere); buffers such as embeddings.position_ids are int64 and not read.
+    for name, header in headers.items():
+        if header and name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
+            raise PretrainedError(f"{root / 'model.safetensors'}: {name} is stored as {header[0]}, not floating point")
     layers = {int(m.group(1)) for name in shapes if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
     declared = config.get("num_hidden_layers")
     if not isinstance(declared, int) or layers != set(range(declared)):
@@ -273,8 +279,11 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
             raise PretrainedError(f"{root}: {suffix} is {shape} but config.json says {' x '.join(f'{k} {v!r}' for k, v in zip(keys, expected))}")
 
 
-def _hf_tensor_shapes(root: Path) -> dict[str, list[int] | None]:
-    """Tensor name -> shape, from the safetensors header alone (None: in a shard, not read here)."""
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]] | None]:
+    """Tensor name -> (dtype, shape), from the safetensors header alone (None: in a shard, not read here)."""
     if not (root / "model.safetensors").is_file():
         weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
         return dict.fromkeys(weight_map) if isinstance(weight_map, dict) else {}
@@ -282,7 +291,7 @@ def _hf_tensor_shapes(root: Path) -> dict[str, list[int] | None]:
 
     try:
         with safe_open(str(root / "model.safetensors"), framework="np") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as exc:
         raise PretrainedError(f"{root / 'model.safetensors'}: not a readable safetensors file ({exc})") from None
 
