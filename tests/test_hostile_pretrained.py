@@ -146,9 +146,10 @@ def test_a_safetensors_header_that_lies_is_refused(bert: Path, tmp_path: Path) -
 TF_CONFIG = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
 
 
-def write_google_checkpoint(path: Path, *, layers: int = 1, change: dict | None = None, drop: str | None = None, transpose: str | None = None) -> None:
+def write_google_checkpoint(path: Path, *, layers: int = 1, change: dict | None = None, drop: str | None = None, transpose: str | None = None,
+                            as_int8: str | None = None) -> None:
     """A Google-BERT-layout TF checkpoint (bert_config.json, vocab.txt, bert_model.ckpt) of a random
-    16-wide BERT; `drop` leaves a variable out, `transpose` stores one kernel [out, in]."""
+    16-wide BERT; `drop` leaves a variable out, `transpose` stores one kernel [out, in], `as_int8` one as int8."""
     import tensorflow as tf
 
     from training.preprocess import shipped_vocab_path
@@ -179,6 +180,8 @@ def write_google_checkpoint(path: Path, *, layers: int = 1, change: dict | None 
         else:
             shape = (hidden,)
         value = rng.normal(0, 0.2, size=shape).astype(np.float32)
+        if theirs == as_int8:
+            value = (value * 100).astype(np.int8)
         variables[theirs] = tf.Variable(value.T if theirs == transpose else value, name=theirs.replace("/", "_"))
     path.mkdir(parents=True)
     tf.compat.v1.train.Saver(var_list=variables).save(None, str(path / "bert_model.ckpt"))
@@ -311,3 +314,10 @@ def test_an_integer_buffer_beside_the_weights_is_fine(bert: Path, tmp_path: Path
     save_file(tensors, str(bert / "model.safetensors"))
     backbone, _ = load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
     assert backbone.num_layers == 2
+
+
+def test_a_checkpoint_variable_stored_as_integers_is_refused(tmp_path: Path) -> None:
+    name = "bert/encoder/layer_0/intermediate/dense/kernel"
+    write_google_checkpoint(tmp_path / "bert", as_int8=name)
+    with pytest.raises(PretrainedError, match=name):
+        load_pretrained(tmp_path / "bert")

@@ -349,7 +349,11 @@ def _load_tf_checkpoint(root: Path):
     def get(name: str) -> np.ndarray:
         if name not in shapes:
             raise PretrainedError(f"{prefix}: the checkpoint has no variable {name}")
-        return reader.get_tensor(name)
+        value = np.asarray(reader.get_tensor(name))
+        # assign would cast raw (say, quantised) integers silently; bfloat16 is ml_dtypes', not numpy's kind "f"
+        if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+            raise PretrainedError(f"{prefix}: {name} is stored as {value.dtype}, not floating point")
+        return value
 
     backbone = build_backbone(profile, vocab_size)
     assign_google_checkpoint(backbone, get)
