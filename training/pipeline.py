@@ -136,14 +136,29 @@ def _cpu_seconds() -> float:
 
 
 def _provenance(pretrained: str | None) -> dict | None:
-    """Where fetched weights came from (training.weights writes it), for the model info."""
+    """Where fetched weights came from (training.weights writes it), for the model info.
+
+    Only when it describes the weights trained from: the file may be in a user's directory, read
+    after the whole training, where one that is not JSON crashed the export and one copied beside
+    other weights recorded the pinned hash for them.
+    """
     import json
 
-    from training.weights import PROVENANCE_FILE
+    from training.weights import PROVENANCE_FILE, sha256_file
 
-    if not pretrained or not (Path(pretrained) / PROVENANCE_FILE).is_file():
+    path = Path(pretrained or "") / PROVENANCE_FILE
+    if not pretrained or not path.is_file():
         return None
-    return json.loads((Path(pretrained) / PROVENANCE_FILE).read_text())
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    # The file's own name only (never a path it chose), within the directory trained from.
+    weights = Path(pretrained) / Path(str(record.get("weights_file"))).name if isinstance(record, dict) else None
+    if weights is None or not weights.is_file() or sha256_file(weights) != record.get("weights_sha256"):
+        logger.warning("%s does not describe the weights in %s: not recorded in the model info", path, pretrained)
+        return None
+    return record
 
 
 def _json_safe(obj):

@@ -20,10 +20,12 @@ came with the weights, so a pretrained model and ESP's serving graph read text i
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,15 +47,22 @@ def find_vocab(path: Path) -> Path:
     raise PretrainedError(f"{path}: no vocabulary found (looked for {', '.join(_VOCAB_CANDIDATES)})")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file of the user's directory that must hold an object: anything else is a PretrainedError
+    naming the file (a list or a string holding "model_type" would otherwise pass `in` and crash on `.get`)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PretrainedError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise PretrainedError(f"{path}: not a JSON object")
+    return value
+
+
 def is_hf_directory(root: Path) -> bool:
     """A Hugging Face model directory: its config.json names a `model_type` (keras-hub's names a class)."""
     config = root / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return False
+    return config.is_file() and "model_type" in read_json_object(config)
 
 
 def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
@@ -75,12 +84,20 @@ def load_pretrained(path: str | os.PathLike[str], cache_dir: str | None = None):
             f"{root}: not a Hugging Face BERT (config.json with model_type), a keras-hub preset (config.json) "
             "or a TF BERT checkpoint (bert_config.json)"
         )
-    with open(vocab, encoding="utf-8") as f:
-        vocab_size = sum(1 for _ in f)
+    _check_finite(root, backbone)
+    vocab_size = len(read_vocab_file(vocab))
     if vocab_size != backbone.vocabulary_size:
         raise PretrainedError(f"{root}: vocabulary has {vocab_size} entries but the model expects {backbone.vocabulary_size}")
     logger.info("loaded pretrained BERT from %s: %d layers, %d wide", root, backbone.num_layers, backbone.hidden_dim)
     return backbone, vocab
+
+
+def _check_finite(root: Path, backbone) -> None:
+    """No loader checks the numbers themselves: a NaN or an infinity in a weight would be fine-tuned
+    into a model that scores NaN, after the whole training run."""
+    for weight in backbone.weights:
+        if not np.isfinite(np.asarray(weight.numpy())).all():
+            raise PretrainedError(f"{root}: the weight {weight.path} holds values that are not finite (NaN or infinity)")
 
 
 def _load_preset(root: Path):
@@ -148,6 +165,22 @@ def _vocab_in_id_order(vocab: dict, where: str) -> list[str]:
     return [t for t in tokens if t is not None]
 
 
+def read_vocab_file(path: Path) -> list[str]:
+    """A one-token-a-line vocabulary, checked as tokenizer.json's is. Counting its lines was not
+    enough: not UTF-8 was a UnicodeDecodeError, a missing [CLS] a ValueError from the Preprocessor
+    and a repeated token an error from TF's lookup table, all tracebacks after the load."""
+    from training.preprocess import read_vocab
+
+    try:
+        listed = read_vocab(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PretrainedError(f"{path}: not a readable UTF-8 vocabulary ({exc})") from None
+    repeated = next((t for t, n in collections.Counter(listed).items() if n > 1), None)
+    if repeated is not None:
+        raise PretrainedError(f"{path}: the token {repeated!r} is listed more than once")
+    return _vocab_in_id_order({t: i for i, t in enumerate(listed)}, str(path))
+
+
 def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
     """The checked vocabulary of a Hugging Face directory, as the one-token-a-line file the in-graph
     tokenizer reads: the shipped vocabulary file itself when they are token for token equal (so the
@@ -156,21 +189,18 @@ def hf_vocab_file(root: Path, cache_dir: str | None = None) -> Path:
 
     tokens = None
     if (root / "tokenizer.json").is_file():
-        try:
-            tokenizer = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PretrainedError(f"{root / 'tokenizer.json'}: not valid JSON ({exc})") from None
+        tokenizer = read_json_object(root / "tokenizer.json")
         tokens = check_hf_tokenizer(tokenizer, str(root / "tokenizer.json"))
     if (root / "vocab.txt").is_file():
-        listed = read_vocab(root / "vocab.txt")
+        listed = read_vocab_file(root / "vocab.txt")
         if tokens is None:
             _check_tokenizer_config(root)
-            tokens = _vocab_in_id_order({t: i for i, t in enumerate(listed)}, str(root / "vocab.txt"))
+            tokens = listed
         elif listed != tokens:
             raise PretrainedError(f"{root}: vocab.txt and tokenizer.json disagree on the vocabulary")
     if tokens is None:
         raise PretrainedError(f"{root}: no tokenizer.json or vocab.txt: the vocabulary is unknown")
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(root / "config.json")
     if config.get("vocab_size") != len(tokens):
         raise PretrainedError(f"{root}: the vocabulary has {len(tokens)} tokens but config.json says vocab_size {config.get('vocab_size')}")
     shipped = shipped_vocab_path(cache_dir)
@@ -191,7 +221,7 @@ def _check_tokenizer_config(root: Path) -> None:
     path = root / "tokenizer_config.json"
     if not path.is_file():
         return
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path)
     if config.get("do_lower_case") is False:
         raise PretrainedError(f"{path}: the model is cased (do_lower_case false); ESP's in-graph tokenizer lower-cases")
     if config.get("strip_accents") is False:
@@ -203,7 +233,7 @@ def _check_tokenizer_config(root: Path) -> None:
 def _load_hf(root: Path):
     import keras_hub
 
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(root / "config.json")
     if config.get("model_type") != "bert":
         raise PretrainedError(f"{root}: model_type is {config.get('model_type')!r}; ESP fine-tunes BERT-architecture encoders")
     if not ((root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()):
@@ -212,10 +242,58 @@ def _load_hf(root: Path):
         import safetensors  # noqa: F401  (keras-hub reads Hugging Face weights through it)
     except ImportError:
         raise PretrainedError("loading Hugging Face weights needs the safetensors package: pip install -e '.[training]'") from None
+    _check_config_against_weights(root, config)
     try:
         return keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed checkpoint
         raise PretrainedError(f"{root}: cannot load the Hugging Face weights: {exc}") from exc
+
+
+# config.json sizes that allocate, and a tensor whose shape is those sizes (PyTorch's [out, in]).
+_SIZED_TENSORS = {
+    "embeddings.word_embeddings.weight": ("vocab_size", "hidden_size"),
+    "embeddings.position_embeddings.weight": ("max_position_embeddings", "hidden_size"),
+    "encoder.layer.0.intermediate.dense.weight": ("intermediate_size", "hidden_size"),
+}
+
+
+def _check_config_against_weights(root: Path, config: dict) -> None:
+    """keras-hub builds what config.json says, then reads just that from the weights: more layers in
+    the file were silently dropped (0 layers: the embeddings alone), and a huge size was allocated
+    (or hung) before any shape was compared. So config.json must describe the file, before building."""
+    headers = _hf_tensor_headers(root)
+    shapes = {name: header and header[1] for name, header in headers.items()}
+    # keras assigns an integer tensor into a float weight without a word (a quantised export's raw
+    # int8, its scales elsewhere); buffers such as embeddings.position_ids are int64 and not read.
+    for name, header in headers.items():
+        if header and name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
+            raise PretrainedError(f"{root / 'model.safetensors'}: {name} is stored as {header[0]}, not floating point")
+    layers = {int(m.group(1)) for name in shapes if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
+    declared = config.get("num_hidden_layers")
+    if not isinstance(declared, int) or layers != set(range(declared)):
+        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says num_hidden_layers {declared!r}")
+    for suffix, keys in _SIZED_TENSORS.items():
+        shape = next((shape for name, shape in shapes.items() if name == suffix or name.endswith("." + suffix)), None)
+        expected = [config.get(key) for key in keys]
+        if shape is not None and shape != expected:
+            raise PretrainedError(f"{root}: {suffix} is {shape} but config.json says {' x '.join(f'{k} {v!r}' for k, v in zip(keys, expected))}")
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]] | None]:
+    """Tensor name -> (dtype, shape), from the safetensors header alone (None: in a shard, not read here)."""
+    if not (root / "model.safetensors").is_file():
+        weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
+        return dict.fromkeys(weight_map) if isinstance(weight_map, dict) else {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(root / "model.safetensors"), framework="np") as f:
+            return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise PretrainedError(f"{root / 'model.safetensors'}: not a readable safetensors file ({exc})") from None
 
 
 def _load_tf_checkpoint(root: Path):
@@ -224,26 +302,61 @@ def _load_tf_checkpoint(root: Path):
     from training.model import build_backbone
     from training.profiles import Profile
 
-    config = json.loads((root / "bert_config.json").read_text())
+    config = read_json_object(root / "bert_config.json")
     prefix = tf.train.latest_checkpoint(str(root))
     if prefix is None:
         candidates = sorted(root.glob("*.ckpt.index")) or sorted(root.glob("*.index"))
         if not candidates:
             raise PretrainedError(f"{root}: no TF checkpoint (*.index) found")
         prefix = str(candidates[0])[: -len(".index")]
-    reader = tf.train.load_checkpoint(prefix)
-    profile = Profile(
-        name="pretrained",
-        description="from a TF checkpoint",
-        num_layers=int(config["num_hidden_layers"]),
-        num_heads=int(config["num_attention_heads"]),
-        hidden_dim=int(config["hidden_size"]),
-        intermediate_dim=int(config["intermediate_size"]),
-        max_seq_len=int(config.get("max_position_embeddings", 512)),
-        dropout=float(config.get("hidden_dropout_prob", 0.1)),
-    )
-    backbone = build_backbone(profile, int(config["vocab_size"]))
-    assign_google_checkpoint(backbone, reader.get_tensor)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise PretrainedError(f"{prefix}: not a readable TF checkpoint ({exc})") from None
+    shapes = reader.get_variable_to_shape_map()
+    where = root / "bert_config.json"
+    try:
+        profile = Profile(
+            name="pretrained",
+            description="from a TF checkpoint",
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            hidden_dim=int(config["hidden_size"]),
+            intermediate_dim=int(config["intermediate_size"]),
+            max_seq_len=int(config.get("max_position_embeddings", 512)),
+            dropout=float(config.get("hidden_dropout_prob", 0.1)),
+        )
+        vocab_size = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:  # a key missing, or a value that is no number
+        raise PretrainedError(f"{where}: missing or malformed setting ({type(exc).__name__}: {exc})") from None
+    # As for Hugging Face weights: the model is built from the config, so the config must describe
+    # the checkpoint before anything is built (a million layers hung; fewer than stored were dropped).
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"bert/encoder/layer_(\d+)/", name))}
+    if layers != set(range(profile.num_layers)):
+        raise PretrainedError(f"{where}: num_hidden_layers is {profile.num_layers} but the checkpoint holds encoder layers {sorted(layers)}")
+    if profile.num_heads < 1 or profile.hidden_dim % profile.num_heads:  # 0 heads was a ZeroDivisionError
+        raise PretrainedError(f"{where}: hidden_size {profile.hidden_dim} is not a multiple of num_attention_heads {profile.num_heads}")
+    # The sizes that allocate, against the stored tensors (a huge one ran out of memory in the build).
+    sized = {"bert/embeddings/word_embeddings": [vocab_size, profile.hidden_dim],
+             "bert/encoder/layer_0/intermediate/dense/kernel": [profile.hidden_dim, profile.intermediate_dim]}
+    for name, expected in sized.items():
+        if name in shapes and shapes[name] != expected:
+            raise PretrainedError(f"{where}: the sizes say {name} is {expected} but the checkpoint's is {shapes[name]}")
+    positions = shapes.get("bert/embeddings/position_embeddings", [profile.max_seq_len])[0]  # none: get() says so
+    if positions < profile.max_seq_len:  # fewer are fine (the first ones are used), more are not there
+        raise PretrainedError(f"{where}: max_position_embeddings {profile.max_seq_len} but the checkpoint stores {positions} positions")
+
+    def get(name: str) -> np.ndarray:
+        if name not in shapes:
+            raise PretrainedError(f"{prefix}: the checkpoint has no variable {name}")
+        value = np.asarray(reader.get_tensor(name))
+        # assign would cast raw (say, quantised) integers silently; bfloat16 is ml_dtypes', not numpy's kind "f"
+        if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+            raise PretrainedError(f"{prefix}: {name} is stored as {value.dtype}, not floating point")
+        return value
+
+    backbone = build_backbone(profile, vocab_size)
+    assign_google_checkpoint(backbone, get)
     return backbone
 
 
@@ -289,6 +402,19 @@ def assign_google_checkpoint(backbone, get) -> None:
         value = np.asarray(get(theirs))
         if ours.startswith("position_embedding/"):
             value = value[: weight.shape[0]]
-        if value.size != int(np.prod(weight.shape)):
-            raise PretrainedError(f"checkpoint tensor {theirs} has shape {value.shape}, the model needs {tuple(weight.shape)}")
+        # The shape itself, not only the size: a kernel stored [out, in] has the numbers of [in, out]
+        # and would be reshaped into the layer, scrambled without a word.
+        if value.shape != _google_shape(ours, tuple(weight.shape)):
+            raise PretrainedError(f"checkpoint tensor {theirs} has shape {value.shape}, the model needs {_google_shape(ours, tuple(weight.shape))}")
         weight.assign(value.reshape(tuple(weight.shape)))
+
+
+def _google_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Google's shape for one of our weights: attention kept whole where keras-hub splits it per head."""
+    if "/self_attention_layer/attention_output/kernel" in ours:  # [heads, head_dim, hidden]
+        return (shape[0] * shape[1], shape[2])
+    if "/self_attention_layer/" in ours and len(shape) == 3:  # query/key/value kernel [hidden, heads, head_dim]
+        return (shape[0], shape[1] * shape[2])
+    if "/self_attention_layer/" in ours and len(shape) == 2:  # query/key/value bias [heads, head_dim]
+        return (shape[0] * shape[1],)
+    return shape

