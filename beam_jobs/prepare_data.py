@@ -37,7 +37,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.options import new_pipeline, pipeline_options
-from esp.contracts import loads_json
+from esp.contracts import encodes_utf8, loads_json
 from esp.settings.training import columns_problem, label_problem
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class ParseFile(beam.DoFn):
         # A lone surrogate (JSON's "\ud800") has no UTF-8: the job would fail on it where the row is
         # hashed or written, so it is refused here, as the comment contract refuses it.
         for what, value in (("id", comment_id), ("text", text)):
-            if not _encodable(value):
+            if not encodes_utf8(value):
                 yield beam.pvalue.TaggedOutput(self.REJECTS, _reject(Reject.UNENCODABLE_TEXT, f"{what} is not valid Unicode (a lone surrogate)", path, line_no, row))
                 return
         # Labels may be top-level columns (Jigsaw) or inside a "labels" object (ESP's JSONL).
@@ -309,14 +309,6 @@ def _read_all(stream: Any, chunk_bytes: int = 1 << 22) -> bytes:
         if not part:
             return b"".join(parts)
         parts.append(part)
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown(value: object) -> str:

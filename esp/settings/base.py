@@ -180,11 +180,12 @@ def click_options(cls: type, *, exclude: tuple[str, ...] = (), defaults: dict[st
                 continue
             env = f.metadata["env"]
             choices = f.metadata["choices"]
+            default = (defaults or {}).get(f.name, f.default)
             kwargs: dict[str, Any] = {
                 "envvar": env,
                 "show_envvar": True,
-                "default": (defaults or {}).get(f.name, f.default),
-                "show_default": (defaults or {}).get(f.name, f.default) is not None,
+                "default": default,
+                "show_default": default is not None,
                 "help": f.metadata["help"],
             }
             if base is bool:
