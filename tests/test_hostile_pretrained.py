@@ -321,3 +321,73 @@ def test_a_checkpoint_variable_stored_as_integers_is_refused(tmp_path: Path) -> 
     write_google_checkpoint(tmp_path / "bert", as_int8=name)
     with pytest.raises(PretrainedError, match=name):
         load_pretrained(tmp_path / "bert")
+
+
+# A keras-hub preset (config.json naming the class, model.weights.h5): the same checks before building.
+PRESET_SIZES = dict(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def good_preset(good_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import keras_hub
+
+    vocab = json.loads((good_bert / "tokenizer.json").read_text())["model"]["vocab"]
+    path = tmp_path_factory.mktemp("hostile") / "preset"
+    keras_hub.models.BertBackbone(vocabulary_size=len(vocab), **PRESET_SIZES).save_to_preset(str(path))
+    (path / "vocab.txt").write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.get)))
+    return path
+
+
+@pytest.fixture
+def preset(good_preset: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(good_preset, tmp_path / "preset"))
+
+
+def _edit_preset(path: Path, **changes: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_a_good_keras_hub_preset_loads(preset: Path, tmp_path: Path) -> None:
+    backbone, _ = load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+    assert (backbone.num_layers, backbone.hidden_dim) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"num_layers": 1}, "num_layers"),  # keras-hub built one layer and silently dropped the other
+        ({"num_layers": 0}, "num_layers"),
+        ({"num_layers": 1_000_000}, "num_layers"),  # hung in the build
+        ({"num_layers": "2"}, "num_layers"),
+        ({"hidden_dim": 1 << 20}, "hidden_dim"),  # allocated before any shape was compared
+        ({"vocabulary_size": 10**9}, "vocabulary_size"),
+        ({"intermediate_dim": 17}, "intermediate_dim"),
+        ({"max_sequence_length": 512}, "max_sequence_length"),
+        ({"num_heads": 4}, "num_heads"),
+    ],
+)
+def test_a_preset_config_that_does_not_describe_its_weights_is_refused_before_building(
+    preset: Path, tmp_path: Path, changes: dict, named: str
+) -> None:
+    _edit_preset(preset, **changes)
+    with pytest.raises(PretrainedError, match=named):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_preset_without_readable_weights_is_refused(preset: Path, tmp_path: Path) -> None:
+    (preset / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(PretrainedError, match="not a readable HDF5"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+    (preset / "model.weights.h5").unlink()
+    with pytest.raises(PretrainedError, match="model.weights.h5: no such file"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_preset_of_another_class_is_refused(preset: Path, tmp_path: Path) -> None:
+    config = json.loads((preset / "config.json").read_text())
+    config["class_name"] = "GPT2Backbone"
+    (preset / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match="not a keras-hub BertBackbone preset"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))

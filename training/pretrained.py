@@ -103,10 +103,69 @@ def _check_finite(root: Path, backbone) -> None:
 def _load_preset(root: Path):
     import keras_hub
 
+    _check_preset_against_weights(root)
     try:
         return keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed preset
         raise PretrainedError(f"{root}: cannot load the keras-hub preset: {exc}") from exc
+
+
+# keras-hub preset: model.weights.h5 datasets whose shapes are config sizes.
+_PRESET_SIZED = {
+    "layers/reversible_embedding/vars/0": ("vocabulary_size", "hidden_dim"),
+    "layers/position_embedding/vars/0": ("max_sequence_length", "hidden_dim"),
+    "layers/transformer_encoder/_feedforward_intermediate_dense/vars/0": ("hidden_dim", "intermediate_dim"),
+}
+_PRESET_HEADS = "layers/transformer_encoder/_self_attention_layer/key_dense/vars/0"  # [hidden, heads, head size]
+
+
+def _check_preset_against_weights(root: Path) -> None:
+    """As for a Hugging Face directory: keras-hub builds what config.json says, then reads just that from
+    model.weights.h5. Fewer layers than the file holds were silently dropped, and a million layers hung
+    in the build; so the config must describe the file, before anything is built."""
+    config = read_json_object(root / "config.json")
+    sizes = config.get("config")
+    if config.get("class_name") != "BertBackbone" or not isinstance(sizes, dict):
+        raise PretrainedError(f"{root}/config.json: not a keras-hub BertBackbone preset (class_name {config.get('class_name')!r})")
+    weights = root / "model.weights.h5"
+    shapes = _h5_dataset_shapes(weights)
+    for name, (kind, _) in shapes.items():
+        if kind != "f":
+            raise PretrainedError(f"{weights}: {name} is not stored as floating point")
+    layers = {int(m.group(1) or 0) for name in shapes if (m := re.match(r"layers/transformer_encoder(?:_(\d+))?/", name))}
+    declared = sizes.get("num_layers")
+    if type(declared) is not int or layers != set(range(declared)):
+        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says num_layers {declared!r}")
+    for name, keys in _PRESET_SIZED.items():
+        expected = [sizes.get(key) for key in keys]
+        if shapes.get(name, (None, None))[1] != expected:
+            raise PretrainedError(
+                f"{weights}: {name} is {shapes.get(name, (None, 'missing'))[1]} but config.json says "
+                + " x ".join(f"{k} {v!r}" for k, v in zip(keys, expected))
+            )
+    heads = shapes.get(_PRESET_HEADS, (None, None))[1]
+    if not heads or len(heads) != 3 or heads[1] != sizes.get("num_heads"):
+        raise PretrainedError(f"{weights}: {_PRESET_HEADS} is {heads} but config.json says num_heads {sizes.get('num_heads')!r}")
+
+
+def _h5_dataset_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Dataset name -> (numpy dtype kind, shape), from the HDF5 file's metadata alone."""
+    import h5py
+
+    if not path.is_file():
+        raise PretrainedError(f"{path}: no such file (a keras-hub preset keeps its weights there)")
+    out: dict[str, tuple[str, list[int]]] = {}
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = (obj.dtype.kind, [int(n) for n in obj.shape])
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise PretrainedError(f"{path}: not a readable HDF5 weights file ({exc})") from None
+    return out
 
 
 # What tensorflow_text.BertTokenizer(lower_case=True) does, in the words of a Hugging Face
