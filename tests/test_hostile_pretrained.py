@@ -391,3 +391,76 @@ def test_a_preset_of_another_class_is_refused(preset: Path, tmp_path: Path) -> N
     (preset / "config.json").write_text(json.dumps(config))
     with pytest.raises(PretrainedError, match="not a keras-hub BertBackbone preset"):
         load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+# A sharded Hugging Face checkpoint: model.safetensors.index.json maps each tensor to its shard file.
+def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = None, keep_single: bool = False) -> dict:
+    """Splits the tiny BERT's weights into two shards (layer 1 in the second), with `spoil` applied to
+    the tensors; returns the weight map written."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {**load_file(str(bert / "model.safetensors")), **(spoil or {})}
+    shards: dict[str, dict] = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for name, value in tensors.items():
+        shards["model-0000%d-of-00002.safetensors" % (2 if ".layer.1." in name else 1)][name] = value
+    for shard, part in shards.items():
+        save_file(part, str(bert / shard))
+    weight_map = {name: shard for shard, part in shards.items() for name in part}
+    weight_map.update(index_changes or {})
+    (bert / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if not keep_single:
+        (bert / "model.safetensors").unlink()
+    return weight_map
+
+
+def test_a_sharded_checkpoint_loads_with_every_weight(bert: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    expected = load_file(str(bert / "model.safetensors"))
+    _shard(bert)
+    backbone, _ = load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+    assert backbone.num_layers == 2
+    kernel = backbone.get_layer("transformer_layer_1")._feedforward_intermediate_dense.kernel.numpy()
+    np.testing.assert_array_equal(kernel, expected["encoder.layer.1.intermediate.dense.weight"].T)
+
+
+def test_a_sharded_checkpoint_is_checked_like_a_single_file(bert: Path, tmp_path: Path) -> None:
+    """The shards' headers were not read: a transposed or integer tensor in a shard went unchecked."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    name = "encoder.layer.1.intermediate.dense.weight"
+    _shard(bert, spoil={name: (tensors[name] * 100).astype(np.int8)})
+    with pytest.raises(PretrainedError, match=f"{name} is stored as I8"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_index_beside_a_good_single_file_is_what_is_checked(bert: Path, tmp_path: Path) -> None:
+    """keras-hub loads the shards the index names even when model.safetensors is there too; the check
+    read model.safetensors, so a good single file vouched for spoilt shards."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    _shard(bert, spoil={name: (tensors[name] * 100).astype(np.uint8)}, keep_single=True)
+    with pytest.raises(PretrainedError, match=f"{name} is stored as U8"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"encoder.layer.1.output.dense.bias": "../outside.safetensors"}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": "/etc/passwd"}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": 7}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": "model-00001-of-00002.safetensors"}, "is not in model-00001"),
+        ({"encoder.layer.1.output.dense.bias": "missing.safetensors"}, "missing.safetensors: no such file"),
+    ],
+)
+def test_an_index_that_points_elsewhere_is_refused(bert: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"encoder.layer.1.output.dense.bias": np.zeros(16, np.float32)}, str(tmp_path / "outside.safetensors"))
+    _shard(bert, index_changes=changes)
+    with pytest.raises(PretrainedError, match=message):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))

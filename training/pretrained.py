@@ -321,12 +321,12 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
     the file were silently dropped (0 layers: the embeddings alone), and a huge size was allocated
     (or hung) before any shape was compared. So config.json must describe the file, before building."""
     headers = _hf_tensor_headers(root)
-    shapes = {name: header and header[1] for name, header in headers.items()}
+    shapes = {name: header[1] for name, header in headers.items()}
     # keras assigns an integer tensor into a float weight without a word (a quantised export's raw
     # int8, its scales elsewhere); buffers such as embeddings.position_ids are int64 and not read.
     for name, header in headers.items():
-        if header and name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
-            raise PretrainedError(f"{root / 'model.safetensors'}: {name} is stored as {header[0]}, not floating point")
+        if name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
+            raise PretrainedError(f"{root}: {name} is stored as {header[0]}, not floating point")
     layers = {int(m.group(1)) for name in shapes if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
     declared = config.get("num_hidden_layers")
     if not isinstance(declared, int) or layers != set(range(declared)):
@@ -341,18 +341,41 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]] | None]:
-    """Tensor name -> (dtype, shape), from the safetensors header alone (None: in a shard, not read here)."""
-    if not (root / "model.safetensors").is_file():
-        weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
-        return dict.fromkeys(weight_map) if isinstance(weight_map, dict) else {}
+def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape), from the safetensors headers alone.
+
+    keras-hub reads the shards model.safetensors.index.json names whenever that file exists, even
+    beside a model.safetensors, so the index decides here too, and every shard's header is read."""
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return _safetensors_headers(root / "model.safetensors")
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PretrainedError(f"{index}: no weight_map of tensor names to shard files")
+    for shard in weight_map.values():
+        # keras-hub joins the name to the directory: `../x` would read a file outside it.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise PretrainedError(f"{index}: shard {shard!r} is not a file name in {root}")
+    headers: dict[str, tuple[str, list[int]]] = {}
+    for shard in sorted(set(weight_map.values())):
+        stored = _safetensors_headers(root / shard)
+        for name in (n for n, s in weight_map.items() if s == shard):
+            if name not in stored:
+                raise PretrainedError(f"{index}: {name} is not in {shard}")
+            headers[name] = stored[name]
+    return headers
+
+
+def _safetensors_headers(path: Path) -> dict[str, tuple[str, list[int]]]:
     from safetensors import SafetensorError, safe_open
 
+    if not path.is_file():
+        raise PretrainedError(f"{path}: no such file")
     try:
-        with safe_open(str(root / "model.safetensors"), framework="np") as f:
+        with safe_open(str(path), framework="np") as f:
             return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as exc:
-        raise PretrainedError(f"{root / 'model.safetensors'}: not a readable safetensors file ({exc})") from None
+        raise PretrainedError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _load_tf_checkpoint(root: Path):
