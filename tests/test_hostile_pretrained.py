@@ -324,7 +324,7 @@ def test_a_checkpoint_variable_stored_as_integers_is_refused(tmp_path: Path) -> 
 
 
 # A keras-hub preset (config.json naming the class, model.weights.h5): the same checks before building.
-PRESET_SIZES = dict(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=16)
+PRESET_SIZES = {"num_layers": 2, "num_heads": 2, "hidden_dim": 8, "intermediate_dim": 16, "max_sequence_length": 16}
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +402,7 @@ def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = N
     tensors = {**load_file(str(bert / "model.safetensors")), **(spoil or {})}
     shards: dict[str, dict] = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
     for name, value in tensors.items():
-        shards["model-0000%d-of-00002.safetensors" % (2 if ".layer.1." in name else 1)][name] = value
+        shards[f"model-0000{2 if '.layer.1.' in name else 1}-of-00002.safetensors"][name] = value
     for shard, part in shards.items():
         save_file(part, str(bert / shard))
     weight_map = {name: shard for shard, part in shards.items() for name in part}

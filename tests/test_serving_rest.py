@@ -163,9 +163,8 @@ def test_model_names_a_client_makes_up_are_not_series_of_their_own(rest_server: 
 
     names = [f"no-such-model-{i}" for i in range(20)]
     for name in names:
-        with TFServingScorer(rest_server.target, model_name=name, timeout_s=10, retry_budget_s=1) as scorer:
-            with pytest.raises(ModelNotFound):
-                scorer.predict(["hello"])
+        with TFServingScorer(rest_server.target, model_name=name, timeout_s=10, retry_budget_s=1) as scorer, pytest.raises(ModelNotFound):
+            scorer.predict(["hello"])
     code, page = _get(rest_server, METRICS_PATH)
     assert code == 200
     assert not [n for n in names if n in page]
