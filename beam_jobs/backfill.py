@@ -797,7 +797,7 @@ def preflight(config: BackfillConfig) -> None:
         if not FileSystems.match([config.input])[0].metadata_list:
             raise ConfigError(f"--input {config.input!r} matches no file")
     plan = _plan_bigquery(config)
-    labels = _check_model_server(config, plan) if config.backend == "tfserving" else None
+    labels = _check_model_server(config, plan) if config.backend == "tfserving" else _check_saved_model(config, plan)
     if plan.source is not None or plan.sink is not None:
         _check_bigquery(config, plan, labels)
     if config.publish_scores:
@@ -820,6 +820,29 @@ def _check_model_server(config: BackfillConfig, plan: _BigQueryPlan) -> tuple[st
         raise EspError(f"the model server cannot score this backfill: {exc}") from None
     finally:
         scorer.close()
+    if plan.sink is not None:
+        bq.check_labels(labels)
+    return labels
+
+
+def _check_saved_model(config: BackfillConfig, plan: _BigQueryPlan) -> tuple[str, ...] | None:
+    """The SavedModel is there, and its labels can be columns of the scores table; returns them.
+
+    Read from saved_model.pb alone (the job loads the model). Without it, a missing model was the
+    job's traceback, and a label the table cannot take surfaced when the first score arrived. A
+    model on gs:// is left to the job, which copies it anyway.
+    """
+    from esp.errors import ConfigError
+    from esp.scoring import ModelContractError, ModelNotFound
+    from serving.saved_model import stored_labels
+
+    path = config.saved_model_dir
+    if not path or "://" in path:
+        return None
+    try:
+        labels = stored_labels(path, config.client.model_version, config.client.model_signature)
+    except (ModelNotFound, ModelContractError) as exc:
+        raise ConfigError(f"--saved-model-dir: {exc}") from None
     if plan.sink is not None:
         bq.check_labels(labels)
     return labels
@@ -852,8 +875,8 @@ def _check_bigquery(config: BackfillConfig, plan: _BigQueryPlan, labels: Sequenc
         for project, dataset in sorted(datasets):
             client.get_dataset(f"{project}.{dataset}", **quick)
         if plan.sink is not None:
-            # The label columns are the model's: checked when the model server named them (a SavedModel is
-            # read only by the job); a label column the table lacks is added before the MERGE.
+            # The label columns are the model's: checked when the pre-flight could read them (not for a
+            # SavedModel on gs://); a label column the table lacks is added before the MERGE.
             _check_existing_table(client, plan.sink.scores, bq.scores_columns(labels or []), quick, addable=labels or ())
             _check_existing_table(client, plan.sink.dead_letters, bq.DEAD_LETTER_SCHEMA, quick)
     except gexc.NotFound as exc:

@@ -84,17 +84,45 @@ def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> 
     return dirs[latest], latest
 
 
+def stored_signature_defs(version_dir: str | os.PathLike) -> Any:
+    """The serving graph's tensorflow.SignatureDef messages exactly as stored in saved_model.pb (what TF
+    Serving's metadata returns), read without loading the graph."""
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
+    graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags] or list(proto.meta_graphs)
+    if not graphs:
+        raise ModelContractError(f"{version_dir}/saved_model.pb holds no graph")
+    return graphs[0].signature_def
+
+
+def stored_labels(path: str | os.PathLike, version: int | None = None, signature_name: str = DEFAULT_SIGNATURE) -> tuple[str, ...]:
+    """The labels a SavedModel would score, from its saved_model.pb alone: a pre-flight reads them in
+    well under a second, where loading the model takes seconds and its memory.
+
+    Raises ModelNotFound (no such version or signature) or ModelContractError (no label outputs, or a
+    saved_model.pb that does not parse)."""
+    from google.protobuf.message import DecodeError
+
+    directory, resolved = resolve_version_dir(path, version)
+    try:
+        signatures = stored_signature_defs(directory)
+    except (DecodeError, OSError) as exc:
+        raise ModelContractError(f"{directory}/saved_model.pb cannot be read: {exc}") from None
+    if signature_name not in signatures:
+        raise ModelNotFound(f"SavedModel {directory} has no signature {signature_name!r} (it has {sorted(signatures)})")
+    labels = tuple(labels_from_outputs(list(signatures[signature_name].outputs)))
+    if not labels:
+        raise ModelContractError(f"SavedModel {directory} (version {resolved}) declares no label outputs")
+    return labels
+
+
 class LoadedModel:
     """One loaded SavedModel version: run a signature on numpy inputs, read its signature_defs."""
 
     def __init__(self, path: str | os.PathLike, version: int) -> None:
         self.path = Path(path)
         self.version = version
-        proto = saved_model_pb2.SavedModel()
-        proto.ParseFromString((self.path / "saved_model.pb").read_bytes())
-        graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags] or list(proto.meta_graphs)
-        # tensorflow.SignatureDef messages exactly as stored: what TF Serving's metadata returns.
-        self.signature_defs = graphs[0].signature_def
+        self.signature_defs = stored_signature_defs(self.path)
         self._loaded = tf.saved_model.load(str(self.path), tags=[SERVE_TAG])
         self._functions = dict(self._loaded.signatures)
         self._input_specs: dict[str, dict[str, tf.TensorSpec]] = {}

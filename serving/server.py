@@ -529,7 +529,9 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             if self.metrics:
                 self.metrics.requests.labels(method, code.name).inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - started)
-                self.metrics.tf_serving_requests.inc(model, code.name)
+                # The name is the client's: one it made up would be a new series for ever (the page and
+                # the registry grow with every name a hostile client sends), so those count as "".
+                self.metrics.tf_serving_requests.inc(model if model in self.manager.models else "", code.name)
 
     # -- Predict ----------------------------------------------------------------------------
 

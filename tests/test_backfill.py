@@ -152,3 +152,28 @@ def test_cli_refuses_bad_combinations_in_one_line(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_cli_refuses_a_saved_model_it_cannot_read_in_one_line(tmp_path: Path, test_model_base: Path) -> None:
+    """The pre-flight reads the SavedModel's labels from saved_model.pb. Before, an empty or garbled
+    model directory, or a signature the model lacks, started the job and ended in Beam's traceback."""
+    _write_input(tmp_path / "in.jsonl", 3)
+    garbled = tmp_path / "garbled" / "1"
+    garbled.mkdir(parents=True)
+    (garbled / "saved_model.pb").write_bytes(b"\xff" * 64)
+    cases = [
+        ([str(tmp_path / "empty")], "no model version"),
+        ([str(garbled.parent)], "cannot be read"),
+        ([str(test_model_base), "--model-signature", "nope"], "no signature 'nope'"),
+        ([str(test_model_base), "--model-version", "7"], "no version 7"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for model, message in cases:
+        out = tmp_path / "out"
+        result = subprocess.run([sys.executable, "-m", "esp.cli.main", "backfill", "--input", str(tmp_path / "in.jsonl"),
+                                 "--output", str(out), "--backend", "saved_model", "--saved-model-dir", *model,
+                                 "--runner=DirectRunner"], capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert result.returncode == 2, (model, result.stderr[-2000:])
+        [line] = [x for x in result.stderr.strip().splitlines() if x.startswith("esp: error:")]
+        assert "--saved-model-dir" in line and message in line and "Traceback" not in result.stderr, (model, result.stderr[-2000:])
+        assert not out.exists(), "nothing ran"

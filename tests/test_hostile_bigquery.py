@@ -191,18 +191,21 @@ def test_a_query_that_returns_no_rows_finishes_cleanly(bigquery_emulator: Any, b
     assert result.returncode == 0 and "read 0, scored 0, dead-lettered 0" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("backend", ["tfserving", "saved_model"])
 @pytest.mark.parametrize("threat, refused", [(("threat", "STRING", "NULLABLE"), True), (None, False)])
-def test_a_label_column_of_another_type_is_refused_before_the_run_when_the_model_server_names_the_labels(
-    bigquery_emulator: Any, bq_dataset: str, model_server: Any, threat: tuple | None, refused: bool
+def test_a_label_column_of_another_type_is_refused_before_the_run(
+    bigquery_emulator: Any, bq_dataset: str, model_server: Any, test_model_base: Path, threat: tuple | None, refused: bool,
+    backend: str,
 ) -> None:
     """A scores table whose `threat` column is a STRING takes no score: the run used to score
-    everything and fail at the MERGE, with a traceback. With the model server named, the pre-flight
-    asks it for the labels and refuses in one line; a label column the table lacks is no reason to
-    refuse (it is added before the MERGE: the control)."""
+    everything and fail at the MERGE, with a traceback. The pre-flight asks the model server for the
+    labels, or reads them from the SavedModel's saved_model.pb, and refuses in one line; a label column
+    the table lacks is no reason to refuse (it is added before the MERGE: the control)."""
     source, scores = f"{bq_dataset}.src", f"{bq_dataset}.scores"
     _query(bigquery_emulator, f"CREATE TABLE `{source}` AS SELECT 'a' AS id, 'hello' AS text")
     before = _create(bigquery_emulator, scores, _spoilt("threat", threat))
-    args = ["--backend", "tfserving", "--model-server", model_server.target, "--bigquery-api-endpoint", bigquery_emulator.api_endpoint,
+    model = ["--model-server", model_server.target] if backend == "tfserving" else ["--saved-model-dir", str(test_model_base)]
+    args = ["--backend", backend, *model, "--bigquery-api-endpoint", bigquery_emulator.api_endpoint,
             "--bigquery-storage-endpoint", bigquery_emulator.storage_endpoint, "--runner=DirectRunner"]  # fmt: skip
     if refused:
         result = _cli("--bq-table", source, "--bq-scores-table", scores, *args, timeout=120)
@@ -213,5 +216,5 @@ def test_a_label_column_of_another_type_is_refused_before_the_run_when_the_model
         from beam_jobs.backfill import preflight
         from esp.settings import ModelClientSettings
 
-        preflight(_config(bigquery_emulator, bq_table=source, bq_scores_table=scores, backend="tfserving",
-                          client=ModelClientSettings(model_server=model_server.target)))  # fmt: skip
+        preflight(_config(bigquery_emulator, bq_table=source, bq_scores_table=scores, backend=backend,
+                          saved_model_dir=str(test_model_base), client=ModelClientSettings(model_server=model_server.target)))  # fmt: skip

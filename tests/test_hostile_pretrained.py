@@ -321,3 +321,146 @@ def test_a_checkpoint_variable_stored_as_integers_is_refused(tmp_path: Path) -> 
     write_google_checkpoint(tmp_path / "bert", as_int8=name)
     with pytest.raises(PretrainedError, match=name):
         load_pretrained(tmp_path / "bert")
+
+
+# A keras-hub preset (config.json naming the class, model.weights.h5): the same checks before building.
+PRESET_SIZES = {"num_layers": 2, "num_heads": 2, "hidden_dim": 8, "intermediate_dim": 16, "max_sequence_length": 16}
+
+
+@pytest.fixture(scope="module")
+def good_preset(good_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import keras_hub
+
+    vocab = json.loads((good_bert / "tokenizer.json").read_text())["model"]["vocab"]
+    path = tmp_path_factory.mktemp("hostile") / "preset"
+    keras_hub.models.BertBackbone(vocabulary_size=len(vocab), **PRESET_SIZES).save_to_preset(str(path))
+    (path / "vocab.txt").write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.get)))
+    return path
+
+
+@pytest.fixture
+def preset(good_preset: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(good_preset, tmp_path / "preset"))
+
+
+def _edit_preset(path: Path, **changes: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_a_good_keras_hub_preset_loads(preset: Path, tmp_path: Path) -> None:
+    backbone, _ = load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+    assert (backbone.num_layers, backbone.hidden_dim) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"num_layers": 1}, "num_layers"),  # keras-hub built one layer and silently dropped the other
+        ({"num_layers": 0}, "num_layers"),
+        ({"num_layers": 1_000_000}, "num_layers"),  # hung in the build
+        ({"num_layers": "2"}, "num_layers"),
+        ({"hidden_dim": 1 << 20}, "hidden_dim"),  # allocated before any shape was compared
+        ({"vocabulary_size": 10**9}, "vocabulary_size"),
+        ({"intermediate_dim": 17}, "intermediate_dim"),
+        ({"max_sequence_length": 512}, "max_sequence_length"),
+        ({"num_heads": 4}, "num_heads"),
+    ],
+)
+def test_a_preset_config_that_does_not_describe_its_weights_is_refused_before_building(
+    preset: Path, tmp_path: Path, changes: dict, named: str
+) -> None:
+    _edit_preset(preset, **changes)
+    with pytest.raises(PretrainedError, match=named):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_preset_without_readable_weights_is_refused(preset: Path, tmp_path: Path) -> None:
+    (preset / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(PretrainedError, match="not a readable HDF5"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+    (preset / "model.weights.h5").unlink()
+    with pytest.raises(PretrainedError, match="model.weights.h5: no such file"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_preset_of_another_class_is_refused(preset: Path, tmp_path: Path) -> None:
+    config = json.loads((preset / "config.json").read_text())
+    config["class_name"] = "GPT2Backbone"
+    (preset / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match="not a keras-hub BertBackbone preset"):
+        load_pretrained(preset, cache_dir=str(tmp_path / "cache"))
+
+
+# A sharded Hugging Face checkpoint: model.safetensors.index.json maps each tensor to its shard file.
+def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = None, keep_single: bool = False) -> dict:
+    """Splits the tiny BERT's weights into two shards (layer 1 in the second), with `spoil` applied to
+    the tensors; returns the weight map written."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {**load_file(str(bert / "model.safetensors")), **(spoil or {})}
+    shards: dict[str, dict] = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for name, value in tensors.items():
+        shards[f"model-0000{2 if '.layer.1.' in name else 1}-of-00002.safetensors"][name] = value
+    for shard, part in shards.items():
+        save_file(part, str(bert / shard))
+    weight_map = {name: shard for shard, part in shards.items() for name in part}
+    weight_map.update(index_changes or {})
+    (bert / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if not keep_single:
+        (bert / "model.safetensors").unlink()
+    return weight_map
+
+
+def test_a_sharded_checkpoint_loads_with_every_weight(bert: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    expected = load_file(str(bert / "model.safetensors"))
+    _shard(bert)
+    backbone, _ = load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+    assert backbone.num_layers == 2
+    kernel = backbone.get_layer("transformer_layer_1")._feedforward_intermediate_dense.kernel.numpy()
+    np.testing.assert_array_equal(kernel, expected["encoder.layer.1.intermediate.dense.weight"].T)
+
+
+def test_a_sharded_checkpoint_is_checked_like_a_single_file(bert: Path, tmp_path: Path) -> None:
+    """The shards' headers were not read: a transposed or integer tensor in a shard went unchecked."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    name = "encoder.layer.1.intermediate.dense.weight"
+    _shard(bert, spoil={name: (tensors[name] * 100).astype(np.int8)})
+    with pytest.raises(PretrainedError, match=f"{name} is stored as I8"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_index_beside_a_good_single_file_is_what_is_checked(bert: Path, tmp_path: Path) -> None:
+    """keras-hub loads the shards the index names even when model.safetensors is there too; the check
+    read model.safetensors, so a good single file vouched for spoilt shards."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    _shard(bert, spoil={name: (tensors[name] * 100).astype(np.uint8)}, keep_single=True)
+    with pytest.raises(PretrainedError, match=f"{name} is stored as U8"):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"encoder.layer.1.output.dense.bias": "../outside.safetensors"}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": "/etc/passwd"}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": 7}, "is not a file name"),
+        ({"encoder.layer.1.output.dense.bias": "model-00001-of-00002.safetensors"}, "is not in model-00001"),
+        ({"encoder.layer.1.output.dense.bias": "missing.safetensors"}, "missing.safetensors: no such file"),
+    ],
+)
+def test_an_index_that_points_elsewhere_is_refused(bert: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"encoder.layer.1.output.dense.bias": np.zeros(16, np.float32)}, str(tmp_path / "outside.safetensors"))
+    _shard(bert, index_changes=changes)
+    with pytest.raises(PretrainedError, match=message):
+        load_pretrained(bert, cache_dir=str(tmp_path / "cache"))

