@@ -64,13 +64,16 @@ class ServingModule:
             def __init__(self):
                 super().__init__(name="esp_serving")
                 self.preprocessor = preprocessor
-                self.model = model
+                # The classifier's variables, not the classifier: a compiled Keras model tracks its
+                # optimizer, whose state (AdamW's two moments per weight) was saved beside the weights
+                # and restored by every model server: 3x the weights on disk and in memory.
+                self.model_variables = list(model.variables)
                 self.threshold_values = tf.constant([float(thresholds[l]) for l in labels], tf.float32)
 
             @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
             def serve(self, text):
                 features = self.preprocessor(text)
-                logits = self.model({k: features[k] for k in input_keys}, training=False)
+                logits = model({k: features[k] for k in input_keys}, training=False)
                 probs = tf.sigmoid(tf.cast(logits, tf.float32))
                 batch = tf.shape(text)[0]
                 out = {}
