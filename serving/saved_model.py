@@ -69,8 +69,18 @@ def list_versions(base_path: str | os.PathLike) -> list[int]:
 
 
 def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> tuple[Path, int]:
-    """Accepts a base path (picks `version` or the latest) or a version directory itself."""
-    p = Path(path)
+    """Accepts a base path (picks `version` or the latest) or a version directory itself.
+
+    A path the system cannot even look at (too long, unreadable) is ModelNotFound saying why, as a
+    missing one is: every caller turns that into one line, where an OSError was a traceback."""
+    try:
+        return _resolve_version_dir(Path(path), version)
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise ModelNotFound(f"{shown}: {exc.strerror or exc}") from None
+
+
+def _resolve_version_dir(p: Path, version: int | None) -> tuple[Path, int]:
     if (p / "saved_model.pb").is_file() and version is None:
         return p, int(p.name) if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION else 0
     dirs = version_dirs(p)

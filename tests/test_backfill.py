@@ -166,6 +166,7 @@ def test_cli_refuses_a_saved_model_it_cannot_read_in_one_line(tmp_path: Path, te
         ([str(garbled.parent)], "cannot be read"),
         ([str(test_model_base), "--model-signature", "nope"], "no signature 'nope'"),
         ([str(test_model_base), "--model-version", "7"], "no version 7"),
+        ([str(tmp_path / ("a" * 300))], "File name too long"),  # an OSError from the first stat: was a traceback
     ]
     (tmp_path / "empty").mkdir()
     for model, message in cases:

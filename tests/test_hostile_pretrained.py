@@ -366,6 +366,8 @@ def test_a_good_keras_hub_preset_loads(preset: Path, tmp_path: Path) -> None:
         ({"intermediate_dim": 17}, "intermediate_dim"),
         ({"max_sequence_length": 512}, "max_sequence_length"),
         ({"num_heads": 4}, "num_heads"),
+        ({"intermediate_dim": 16.0}, "intermediate_dim"),  # equal to the shape's 16 in Python
+        ({"hidden_dim": "8"}, "hidden_dim"),
     ],
 )
 def test_a_preset_config_that_does_not_describe_its_weights_is_refused_before_building(

