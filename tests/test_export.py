@@ -42,7 +42,7 @@ def test_layout_and_model_info(tiny_model_dir: Path) -> None:
 
 def test_the_export_holds_the_weights_and_no_optimizer_state(tiny_training) -> None:
     """The trained model is compiled, so it tracks its optimizer: AdamW's moments were saved beside the
-    weights (3x the weights on disk and in every model server's memory: 297 MB for MiniLM, 94 of it
+    weights (2.5x the weights on disk and in every model server's memory: 297 MB for MiniLM, 117 of it
     the model)."""
     stored = tf.train.list_variables(str(tiny_training.version_dir / "variables" / "variables"))
     assert not [name for name, _ in stored if "optimizer" in name]

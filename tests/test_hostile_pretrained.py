@@ -396,9 +396,9 @@ def test_a_preset_of_another_class_is_refused(preset: Path, tmp_path: Path) -> N
 
 
 # A sharded Hugging Face checkpoint: model.safetensors.index.json maps each tensor to its shard file.
-def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = None, keep_single: bool = False) -> dict:
+def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = None, keep_single: bool = False) -> None:
     """Splits the tiny BERT's weights into two shards (layer 1 in the second), with `spoil` applied to
-    the tensors; returns the weight map written."""
+    the tensors and `index_changes` to the index's weight map."""
     from safetensors.numpy import load_file, save_file
 
     tensors = {**load_file(str(bert / "model.safetensors")), **(spoil or {})}
@@ -412,7 +412,6 @@ def _shard(bert: Path, spoil: dict | None = None, index_changes: dict | None = N
     (bert / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if not keep_single:
         (bert / "model.safetensors").unlink()
-    return weight_map
 
 
 def test_a_sharded_checkpoint_loads_with_every_weight(bert: Path, tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ class ServingModule:
                 self.preprocessor = preprocessor
                 # The classifier's variables, not the classifier: a compiled Keras model tracks its
                 # optimizer, whose state (AdamW's two moments per weight) was saved beside the weights
-                # and restored by every model server: 3x the weights on disk and in memory.
+                # and restored by every model server: 1.8x to 2.5x the model on disk and in memory.
                 self.model_variables = list(model.variables)
                 self.threshold_values = tf.constant([float(thresholds[l]) for l in labels], tf.float32)
 
