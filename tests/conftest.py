@@ -10,3 +10,4 @@ pytest_plugins = [
     "tests.fixtures.api",
 ]
 pytest_plugins.append("tests.fixtures.bigquery")
+pytest_plugins.append("tests.fixtures.watchdog")

@@ -1,0 +1,53 @@
+"""The suite's watchdog (tests/fixtures/watchdog.py): a test hung where pytest-timeout's alarm cannot reach
+it fails once, with its stacks, and the run goes on and ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+HUNG_FILE = '''
+import signal
+import time
+
+
+def test_before():
+    pass
+
+
+def test_hung_where_no_alarm_reaches():
+    # SIGALRM blocked: what a main thread stuck in C++ looks like to pytest-timeout.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(120)
+
+
+def test_after():
+    pass
+'''
+
+
+def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_ends(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\ntimeout = 2\nhard_timeout = 6\n")
+    (suite / "test_hung.py").write_text(HUNG_FILE)
+    (suite / "test_other.py").write_text("def test_other():\n    pass\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.fixtures.watchdog", "-p", "no:cacheprovider",
+         "-n", "2", "--dist", "loadfile", "-q"],
+        cwd=suite, env=env, capture_output=True, text=True, timeout=240,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "1 failed, 3 passed" in out, out
+    assert out.count("crashed while running 'test_hung.py::test_hung_where_no_alarm_reaches'") == 1, out
+    assert "test_hung.py::test_hung_where_no_alarm_reaches was still running after 6 s" in out, out
+    assert 'test_hung.py", line 13 in test_hung_where_no_alarm_reaches' in out, out
+    assert not list(scratch.glob("esp-pytest-watchdog-*")), "the watchdog's folder outlived the run"
