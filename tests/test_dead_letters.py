@@ -553,20 +553,28 @@ def test_export_consume_acks_only_what_was_written(emulator: Any, tmp_path: Path
     assert set(comment_ids(held(s))) == {"e-1", "e-2"}
 
 
+SET_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.Handlers(int(sys.argv[1]))); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 def start_replay_and_interrupt(
     s: PubSubSettings, sig: int, *, after: int, args: Sequence[str], sigint: Any = signal.SIG_DFL, times: int = 1
 ) -> tuple[list[Any], str]:
     """Runs `esp dead-letters replay` as a process, sends it `sig` once `after` replayed messages
     reached the tap, and returns what the tap received until then and the process's output."""
     tap = s.subscription_path("tap-" + s.subscription)
-    argv = [sys.executable, "-m", "esp.cli.main", "dead-letters", "replay", *settings_args(s), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_") and k != "PUBSUB_EMULATOR_HOST"}
-    # SIGINT as `sigint` in the child (by default as in a terminal), whatever this suite inherited:
+    # SIGINT as `sigint` in the replay (by default as in a terminal), whatever this suite inherited:
     # started in the background by a shell without job control (`make test &` in a script), it
-    # has SIGINT ignored, and so would the replay.
+    # has SIGINT ignored, and so would the replay. A launcher sets it and execs the replay, since
+    # Popen's preexec_fn would fork this process, whose gRPC threads may hold locks the child then
+    # waits on for ever (Python's subprocess docs: not safe in the presence of threads).
+    argv = [sys.executable, "-c", SET_SIGINT_THEN_EXEC, str(int(sigint)),
+            sys.executable, "-m", "esp.cli.main", "dead-letters", "replay", *settings_args(s), *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESP_") and k != "PUBSUB_EMULATOR_HOST"}
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     received: list[Any] = []
     client = subscriber_client(s)
