@@ -30,7 +30,7 @@ def test_after():
 '''
 
 
-def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_ends(tmp_path: Path) -> None:
+def run_suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "pytest.ini").write_text("[pytest]\ntimeout = 2\nhard_timeout = 6\n")
@@ -40,10 +40,14 @@ def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_end
     scratch.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.fixtures.watchdog", "-p", "no:cacheprovider",
-         "-n", "2", "--dist", "loadfile", "-q"],
+        [sys.executable, "-m", "pytest", "-p", "tests.fixtures.watchdog", "-p", "no:cacheprovider", "-q", *args],
         cwd=suite, env=env, capture_output=True, text=True, timeout=240,
     )
+    return done, scratch
+
+
+def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_ends(tmp_path: Path) -> None:
+    done, scratch = run_suite(tmp_path, "-n", "2", "--dist", "loadfile")
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
     assert "1 failed, 3 passed" in out, out
@@ -51,3 +55,11 @@ def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_end
     assert "test_hung.py::test_hung_where_no_alarm_reaches was still running after 6 s" in out, out
     assert 'test_hung.py", line 13 in test_hung_where_no_alarm_reaches' in out, out
     assert not list(scratch.glob("esp-pytest-watchdog-*")), "the watchdog's folder outlived the run"
+
+
+def test_in_one_process_the_stacks_reach_the_terminal_and_the_run_stops(tmp_path: Path) -> None:
+    done, scratch = run_suite(tmp_path, "-p", "no:xdist")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Timeout (0:00:06)!" in done.stderr, done.stderr
+    assert 'test_hung.py", line 13 in test_hung_where_no_alarm_reaches' in done.stderr, done.stderr
+    assert not list(scratch.glob("esp-pytest-watchdog-*"))
