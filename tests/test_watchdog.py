@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 HUNG_FILE = '''
@@ -30,12 +32,29 @@ def test_after():
 '''
 
 
+OTHER_FILE = '''
+import time
+
+import pytest
+
+
+def test_other():
+    pass
+
+
+@pytest.mark.timeout(12)
+def test_with_a_longer_timeout_of_its_own():
+    # Past the ini's 2 s and its 4 s of grace: the watchdog takes this test's own limit.
+    time.sleep(7)
+'''
+
+
 def run_suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     suite = tmp_path / "suite"
     suite.mkdir()
-    (suite / "pytest.ini").write_text("[pytest]\ntimeout = 2\nhard_timeout = 6\n")
+    (suite / "pytest.ini").write_text("[pytest]\ntimeout = 2\nhard_timeout_grace = 4\n")
     (suite / "test_hung.py").write_text(HUNG_FILE)
-    (suite / "test_other.py").write_text("def test_other():\n    pass\n")
+    (suite / "test_other.py").write_text(OTHER_FILE)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
@@ -50,7 +69,7 @@ def test_a_test_hung_beyond_the_alarm_fails_once_with_its_stacks_and_the_run_end
     done, scratch = run_suite(tmp_path, "-n", "2", "--dist", "loadfile")
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
-    assert "1 failed, 3 passed" in out, out
+    assert "1 failed, 4 passed" in out, out
     assert out.count("crashed while running 'test_hung.py::test_hung_where_no_alarm_reaches'") == 1, out
     assert "test_hung.py::test_hung_where_no_alarm_reaches was still running after 6 s" in out, out
     assert 'test_hung.py", line 13 in test_hung_where_no_alarm_reaches' in out, out
@@ -63,3 +82,16 @@ def test_in_one_process_the_stacks_reach_the_terminal_and_the_run_stops(tmp_path
     assert "Timeout (0:00:06)!" in done.stderr, done.stderr
     assert 'test_hung.py", line 13 in test_hung_where_no_alarm_reaches' in done.stderr, done.stderr
     assert not list(scratch.glob("esp-pytest-watchdog-*"))
+
+
+@pytest.mark.parametrize(("grace", "error"), [
+    ("soon", "must be a number of seconds, not 'soon'"),
+    ("nan", "must be 0 or more seconds, not 'nan'"),
+    ("inf", "must be 0 or more seconds, not 'inf'"),
+    ("-1", "must be 0 or more seconds, not '-1'"),
+])
+def test_a_hard_timeout_grace_that_is_no_duration_is_one_line(grace: str, error: str, tmp_path: Path) -> None:
+    done, _ = run_suite(tmp_path, "-p", "no:xdist", "-o", f"hard_timeout_grace={grace}")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert f"hard_timeout_grace {error}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
