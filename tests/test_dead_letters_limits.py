@@ -224,7 +224,10 @@ def test_export_streams_to_disk_with_bounded_memory(emulator: Any, tmp_path: Pat
         assert len(out.read_bytes().splitlines()) == total
     more_mib = 30 * len(chunk) / 2**20
     print(f"\nexport peak RSS: {peaks[10]:.0f} MiB for 10 letters of 3 MiB, {peaks[40]:.0f} MiB for 40")
-    assert peaks[40] - peaks[10] < 0.25 * more_mib
+    # Half the 90 MiB: alone the two peaks are within 6 MiB of each other, but beside the rest of the
+    # suite one CI run measured 24 MiB more for 40 (allocator arenas, a pull cut off and repeated).
+    # Holding the bodies adds at least the whole 90 MiB, so this still fails for that.
+    assert peaks[40] - peaks[10] < 0.5 * more_mib
 
 
 @pytest.fixture
