@@ -13,7 +13,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-.PHONY: install system-packages demo test docs clean help data model bench bqemulator bench-backfill pretrained minilm teachers distilled frontier
+.PHONY: install install-parts system-packages demo test docs clean help data model bench bqemulator bench-backfill pretrained minilm teachers distilled frontier
 
 # The BigQuery emulator lives in its own virtual environment (tests/fixtures/bigquery.py says why).
 BQEMU_VENV ?= .venv-bqemulator
@@ -34,7 +34,11 @@ help:
 	@echo "make distilled   distil the teachers into the default architecture, models/bert-distilled/1"
 	@echo "make frontier    quality, serving speed and training time of every profile (docs/model-card.md)"
 
-install: system-packages $(STAMP) $(CHECKOV_STAMP) bqemulator
+# The three virtual environments are independent: a fresh machine builds them side by side.
+install:
+	@$(MAKE) --no-print-directory -j3 install-parts
+
+install-parts: system-packages $(STAMP) $(CHECKOV_STAMP) bqemulator
 
 # Debian packages some tests need (one per line in system-packages.txt); installed when missing, so a
 # fresh CI machine gets them. Without root, say which and stop.
