@@ -834,7 +834,7 @@ def _check_saved_model(config: BackfillConfig, plan: _BigQueryPlan) -> tuple[str
     """
     from esp.errors import ConfigError
     from esp.scoring import ModelContractError, ModelNotFound
-    from serving.saved_model import stored_labels
+    from serving.saved_model_files import stored_labels
 
     path = config.saved_model_dir
     if not path or "://" in path:

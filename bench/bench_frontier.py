@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference not in names:
         parser.error(f"--reference {args.reference!r} is not one of {', '.join(names)}")
 
-    from serving.saved_model import resolve_version_dir
+    from serving.saved_model_files import resolve_version_dir
     from training import records
     from training.compare import paired_bootstrap
     from training.evaluate import score_saved_model

@@ -27,11 +27,11 @@ import grpc
 from google.protobuf import json_format
 
 from esp.http_endpoint import HttpEndpoint, Reply, metrics_route
+from serving.saved_model_files import MAX_VERSION
 
 log = logging.getLogger(__name__)
 
 # TF Serving's own pattern for GET requests (model_servers/http_rest_api_util.cc).
-MAX_INT64 = 2**63 - 1  # model versions are int64s (serving.saved_model.MAX_VERSION, which imports TensorFlow)
 STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I)
 REST_PREFIX = re.compile(r"/v1/.*", re.I)
 
@@ -123,7 +123,7 @@ def model_route(
         spec = request.model_spec
         spec.name = urllib.parse.unquote(name)
         if version is not None:
-            if int(version) > MAX_INT64:  # the field is an int64
+            if int(version) > MAX_VERSION:  # the field is an int64
                 return error_reply(grpc.StatusCode.INVALID_ARGUMENT, f"Failed to convert version: {version[:40]}")
             spec.version.value = int(version)
         if label is not None:

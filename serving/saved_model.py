@@ -4,7 +4,8 @@
 the real TF runtime (the Beam backfill's in-process handler, `esp score --saved-model`, tests).
 `LoadedModel` is one loaded version with its signature_defs exactly as stored in
 saved_model.pb, which is what TF Serving's GetModelMetadata returns. Importing this module loads
-TensorFlow; the gRPC client (`serving.client`) never does.
+TensorFlow; the gRPC client (`serving.client`) never does, nor do the pre-flights, which read a
+model's versions and labels with `serving.saved_model_files`.
 """
 
 from __future__ import annotations
@@ -23,107 +24,18 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from esp.contracts import labels_from_outputs
 from esp.scoring import ModelContractError, ModelNotFound, ModelOutput, ModelRejected
+from serving.saved_model_files import DEFAULT_SIGNATURE, SERVE_TAG, resolve_version_dir, stored_signature_defs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNATURE = "serving_default"
 INPUT_KEY = "text"
 THRESHOLD_PREFIX = "esp_threshold_"
 TRUNCATED_KEY = "esp_truncated"
 DEFAULT_THRESHOLD = 0.5
-SERVE_TAG = "serve"
 
 
 class SignatureError(ValueError):
     """A request does not fit the signature (key, dtype, shape): TF Serving's INVALID_ARGUMENT."""
-
-
-MAX_VERSION = 2**63 - 1  # versions are int64 on the wire (serving.rest.MAX_INT64 too)
-
-
-def version_dirs(base_path: str | os.PathLike) -> dict[int, Path]:
-    """The version directories under a TF Serving base path that hold a saved_model.pb, by version.
-
-    As TF Serving reads them: a name of ASCII digits that fits an int64 (`002` is version 2, from
-    `002`); any other name (`²`, `1e3`, a 20-digit number) is not a version and is skipped, so a
-    stray directory can neither stop new versions nor become the latest. Where two names give one
-    number, the unpadded one wins.
-    """
-    base = Path(base_path)
-    if not base.is_dir():
-        return {}
-    out: dict[int, Path] = {}
-    for child in base.iterdir():
-        name = child.name
-        if not (name.isascii() and name.isdigit()) or int(name) > MAX_VERSION:
-            continue
-        version = int(name)
-        if (child / "saved_model.pb").is_file() and (version not in out or name == str(version)):
-            out[version] = child
-    return out
-
-
-def list_versions(base_path: str | os.PathLike) -> list[int]:
-    """The version numbers under a TF Serving base path (see `version_dirs`), ascending."""
-    return sorted(version_dirs(base_path))
-
-
-def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> tuple[Path, int]:
-    """Accepts a base path (picks `version` or the latest) or a version directory itself.
-
-    A path the system cannot even look at (too long, unreadable) is ModelNotFound saying why, as a
-    missing one is: every caller turns that into one line, where an OSError was a traceback."""
-    try:
-        return _resolve_version_dir(Path(path), version)
-    except OSError as exc:
-        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
-        raise ModelNotFound(f"{shown}: {exc.strerror or exc}") from None
-
-
-def _resolve_version_dir(p: Path, version: int | None) -> tuple[Path, int]:
-    if (p / "saved_model.pb").is_file() and version is None:
-        return p, int(p.name) if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION else 0
-    dirs = version_dirs(p)
-    if version is not None:
-        if version not in dirs:
-            raise ModelNotFound(f"no version {version} under {p} (found {sorted(dirs)})")
-        return dirs[version], version
-    if not dirs:
-        raise ModelNotFound(f"no model version (integer directory with saved_model.pb) under {p}")
-    latest = max(dirs)
-    return dirs[latest], latest
-
-
-def stored_signature_defs(version_dir: str | os.PathLike) -> Any:
-    """The serving graph's tensorflow.SignatureDef messages exactly as stored in saved_model.pb (what TF
-    Serving's metadata returns), read without loading the graph."""
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
-    graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags] or list(proto.meta_graphs)
-    if not graphs:
-        raise ModelContractError(f"{version_dir}/saved_model.pb holds no graph")
-    return graphs[0].signature_def
-
-
-def stored_labels(path: str | os.PathLike, version: int | None = None, signature_name: str = DEFAULT_SIGNATURE) -> tuple[str, ...]:
-    """The labels a SavedModel would score, from its saved_model.pb alone: a pre-flight reads them in
-    well under a second, where loading the model takes seconds and its memory.
-
-    Raises ModelNotFound (no such version or signature) or ModelContractError (no label outputs, or a
-    saved_model.pb that does not parse)."""
-    from google.protobuf.message import DecodeError
-
-    directory, resolved = resolve_version_dir(path, version)
-    try:
-        signatures = stored_signature_defs(directory)
-    except (DecodeError, OSError) as exc:
-        raise ModelContractError(f"{directory}/saved_model.pb cannot be read: {exc}") from None
-    if signature_name not in signatures:
-        raise ModelNotFound(f"SavedModel {directory} has no signature {signature_name!r} (it has {sorted(signatures)})")
-    labels = tuple(labels_from_outputs(list(signatures[signature_name].outputs)))
-    if not labels:
-        raise ModelContractError(f"SavedModel {directory} (version {resolved}) declares no label outputs")
-    return labels
 
 
 class LoadedModel:
@@ -132,7 +44,7 @@ class LoadedModel:
     def __init__(self, path: str | os.PathLike, version: int) -> None:
         self.path = Path(path)
         self.version = version
-        self.signature_defs = stored_signature_defs(self.path)
+        self.signature_defs = stored_signature_defs(self.path, saved_model_pb2.SavedModel)
         self._loaded = tf.saved_model.load(str(self.path), tags=[SERVE_TAG])
         self._functions = dict(self._loaded.signatures)
         self._input_specs: dict[str, dict[str, tf.TensorSpec]] = {}

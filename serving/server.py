@@ -53,7 +53,8 @@ from esp.errors import ConfigError
 from serving import esp_tfs_pb2, rest
 from serving.batching import BatchingError, BatchingOptions, BatchScheduler
 from serving.model_config import ModelSource, read_model_config
-from serving.saved_model import DEFAULT_SIGNATURE, LoadedModel, SignatureError, version_dirs
+from serving.saved_model import LoadedModel, SignatureError
+from serving.saved_model_files import DEFAULT_SIGNATURE, version_dirs
 
 log = logging.getLogger(__name__)
 

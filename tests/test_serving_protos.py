@@ -13,7 +13,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from serving import esp_tfs_pb2 as ours
 from serving.client import ModelContractError, string_tensor, tensor_values
-from serving.saved_model import LoadedModel, resolve_version_dir
+from serving.saved_model import LoadedModel
+from serving.saved_model_files import resolve_version_dir
 
 
 def _same_bytes(theirs_msg, ours_cls, theirs_cls):
@@ -132,3 +133,33 @@ def test_a_response_tensor_declaring_more_than_expected_is_refused_before_it_is_
         tensor_values(compact, max_elements=3)
     compact.tensor_shape.dim[0].size = 3
     assert tensor_values(compact, max_elements=3) == [0.5, 0.5, 0.5]
+
+
+def test_our_saved_model_message_reads_the_signatures_tensorflow_reads(test_model_base):
+    """The pre-flights read saved_model.pb with ESP's cut-down SavedModel message, so as not to import
+    TensorFlow: every stored signature must come out as TensorFlow's full message reads it."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from serving.saved_model_files import stored_labels, stored_signature_defs
+
+    path, version = resolve_version_dir(test_model_base)
+    theirs = stored_signature_defs(path, saved_model_pb2.SavedModel)
+    mine = stored_signature_defs(path)
+    assert sorted(mine) == sorted(theirs) and "serving_default" in mine
+    for name, signature in theirs.items():
+        assert mine[name] == ours.SignatureDef.FromString(signature.SerializeToString(deterministic=True)), name
+    assert stored_labels(test_model_base) == tuple(LoadedModel(path, version).labels())
+
+
+def test_a_graph_without_the_serve_tag_falls_back_to_the_first_and_no_graph_is_refused(tmp_path):
+    from serving.saved_model_files import ModelContractError, stored_signature_defs
+
+    stored = ours.SavedModel(saved_model_schema_version=1)
+    graph = stored.meta_graphs.add()
+    graph.meta_info_def.tags.append("train")
+    graph.signature_def["only"].method_name = "tensorflow/serving/predict"
+    (tmp_path / "saved_model.pb").write_bytes(stored.SerializeToString())
+    assert list(stored_signature_defs(tmp_path)) == ["only"]
+    (tmp_path / "saved_model.pb").write_bytes(ours.SavedModel(saved_model_schema_version=1).SerializeToString())
+    with pytest.raises(ModelContractError, match="holds no graph"):
+        stored_signature_defs(tmp_path)

@@ -51,7 +51,7 @@ class Teacher:
 
 def load_teacher(path: str | os.PathLike[str]) -> Teacher:
     from esp.scoring import ModelNotFound
-    from serving.saved_model import resolve_version_dir
+    from serving.saved_model_files import resolve_version_dir
     from training.export import read_model_info
 
     try:

@@ -169,7 +169,7 @@ def evaluate(model_dir: str, compare_with: str | None, no_progress: bool, **opti
     data = build(DataSettings, options)
     rs = build(ReportSettings, options)
     from esp.scoring import ModelNotFound
-    from serving.saved_model import resolve_version_dir
+    from serving.saved_model_files import resolve_version_dir
     from training.compare import NotComparable
     from training.evaluate import evaluate as run_evaluate
     from training.pipeline import DEFAULT_SAMPLE
