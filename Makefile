@@ -87,7 +87,7 @@ demo: install
 
 # The suite runs in PYTEST_WORKERS processes (pytest-xdist), whole files to one process so that a
 # file's fixtures start once. Three on 2 cores: much of the suite waits on services and child
-# processes; on the 2-core machine three workers took 15 minutes, two 18 to 20, one 23. Each worker
+# processes; on the 2-core machine three workers took 15 to 17 minutes, two 18 to 20, one 23. Each worker
 # starts its own emulators and model servers, so more workers need more memory (three: a few GB).
 PYTEST_WORKERS ?= 3
 
