@@ -5,16 +5,23 @@ Both sets live in one process here, which also proves they do not collide in the
 
 from __future__ import annotations
 
+import os
+
+import hypothesis
 import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import any_pb2
+from hypothesis import strategies as st
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from serving import esp_tfs_pb2 as ours
 from serving.client import ModelContractError, string_tensor, tensor_values
 from serving.saved_model import LoadedModel
 from serving.saved_model_files import resolve_version_dir
+
+# Examples per property test; ESP_HYPOTHESIS_EXAMPLES=5000 for a longer run.
+EXAMPLES = int(os.environ.get("ESP_HYPOTHESIS_EXAMPLES", "150"))
 
 
 def _same_bytes(theirs_msg, ours_cls, theirs_cls):
@@ -152,7 +159,7 @@ def test_our_saved_model_message_reads_the_signatures_tensorflow_reads(test_mode
 
 
 def test_a_graph_without_the_serve_tag_falls_back_to_the_first_and_no_graph_is_refused(tmp_path):
-    from serving.saved_model_files import ModelContractError, stored_signature_defs
+    from serving.saved_model_files import stored_signature_defs
 
     stored = ours.SavedModel(saved_model_schema_version=1)
     graph = stored.meta_graphs.add()
@@ -163,3 +170,31 @@ def test_a_graph_without_the_serve_tag_falls_back_to_the_first_and_no_graph_is_r
     (tmp_path / "saved_model.pb").write_bytes(ours.SavedModel(saved_model_schema_version=1).SerializeToString())
     with pytest.raises(ModelContractError, match="holds no graph"):
         stored_signature_defs(tmp_path)
+
+
+@hypothesis.settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(data=st.data())
+def test_any_bytes_as_saved_model_pb_give_labels_or_one_contract_error(tmp_path, test_model_base, data):
+    """The pre-flight's reader on hostile files: arbitrary bytes, and the real saved_model.pb cut short or
+    with bytes overwritten (deep nesting, bad UTF-8 in tags and map keys, lengths past the end)."""
+    from esp.scoring import ModelNotFound
+    from serving.saved_model_files import stored_labels
+
+    real = (resolve_version_dir(test_model_base)[0] / "saved_model.pb").read_bytes()
+    kind = data.draw(st.sampled_from(["bytes", "cut", "overwritten"]))
+    if kind == "bytes":
+        body = data.draw(st.binary(max_size=4096))
+    elif kind == "cut":
+        body = real[: data.draw(st.integers(0, len(real)))]
+    else:
+        at = data.draw(st.integers(0, len(real) - 1))
+        body = real[:at] + data.draw(st.binary(min_size=1, max_size=64)) + real[at + 64:]
+    version = tmp_path / "1"
+    version.mkdir(exist_ok=True)
+    (version / "saved_model.pb").write_bytes(body)
+    try:
+        labels = stored_labels(tmp_path)
+    except (ModelContractError, ModelNotFound) as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert all(isinstance(label, str) for label in labels)
