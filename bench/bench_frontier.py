@@ -19,6 +19,13 @@ Usage (`make frontier` runs it on the models `make` builds):
 
 Servers run one at a time, so each model has the machine's cores to itself (as far as the
 machine is quiet: the figures are comparable within one run).
+
+`--merge-into JSON` adds a model trained later to an earlier frontier without training the others
+again: measure it beside the reference, e.g. `default=models/bert minilm=models/minilm`, and the
+new rows join the earlier report (a row of the same name is replaced). Throughput is compared
+only within a run, so each row keeps its ratio to the reference as measured in its own run, and
+says when that run was. The reference must be the same model in both runs (same test score),
+else the merge is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--chart", type=Path, help="also draw the frontier (PNG)")
     parser.add_argument("--redraw", type=Path, metavar="JSON", help="measure nothing: draw --chart from a report this script wrote")
+    parser.add_argument("--merge-into", type=Path, metavar="JSON",
+                        help="add this run's models to an earlier report (same reference model); --json then writes the merged report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.redraw:
@@ -101,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, _ in args.models]
     if args.reference not in names:
         parser.error(f"--reference {args.reference!r} is not one of {', '.join(names)}")
+    earlier = None
+    if args.merge_into:
+        try:
+            earlier = json.loads(args.merge_into.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--merge-into {args.merge_into}: {e}")
 
     from serving.saved_model_files import resolve_version_dir
     from training import records
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test split: {len(test)} comments; serving: {len(texts)} Jigsaw comments, batch {args.batch_size}, "
           f"{args.duration_s:g} s per model; cpus: {os.cpu_count()}", flush=True)
 
+    measured_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     rows, probs = [], {}
     for name, base in args.models:
         version_dir, version = resolve_version_dir(base)
@@ -145,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_cpu_seconds_with_teachers": None if train_cpu is None or teachers_cpu is None else train_cpu + teachers_cpu,
             "size_mb": round(sum(f.stat().st_size for f in version_dir.rglob("*") if f.is_file()) / 1e6, 1),
             "in_process_scoring_s": round(scoring_s, 1),
+            "measured_at": measured_at,
         })
         print(f"  {name}: AUC {rows[-1]['test_mean_roc_auc']:.4f}, {served['sequences_per_s']:.0f} comments/s", file=sys.stderr, flush=True)
 
@@ -170,12 +188,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('throughput_vs_reference', 1.0):>6.2f} {minutes(r['train_seconds']):>10} {minutes(r['train_seconds_with_teachers']):>10} "
               f"{minutes(r['train_cpu_seconds']):>8} {minutes(r['train_cpu_seconds_with_teachers']):>10} {r['size_mb']:>6.1f}")
     report = {"reference": args.reference, "test_rows": len(test), "batch_size": args.batch_size, "duration_s": args.duration_s,
-              "resamples": args.resamples, "cpus": os.cpu_count(), "models": rows}
+              "resamples": args.resamples, "cpus": os.cpu_count(), "measured_at": measured_at, "models": rows}
+    if earlier is not None:
+        try:
+            report = merge_reports(earlier, report)
+        except ValueError as e:
+            print(f"bench_frontier: not merged into {args.merge_into}: {e}", file=sys.stderr)
+            return 2
+        print(f"merged into {args.merge_into}: {', '.join(r['name'] for r in report['models'])}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.chart:
         draw_chart(report, args.chart)
     return 0
+
+
+def merge_reports(earlier: dict, new: dict) -> dict:
+    """`earlier` with `new`'s models added (a row of the same name replaced). Each row keeps the
+    throughput ratio measured beside the reference in its own run, since throughput on a shared
+    machine is comparable only within one run. Refused (ValueError) when the two runs' settings
+    or reference models differ: scoring is deterministic, so the same reference model has the
+    same test score to the last digit."""
+    for key in ("reference", "test_rows", "batch_size", "cpus"):
+        if earlier.get(key) != new.get(key):
+            raise ValueError(f"{key} differs: {earlier.get(key)!r} in the earlier report, {new.get(key)!r} in this run")
+    ref = new["reference"]
+    old_ref = next((r for r in earlier["models"] if r["name"] == ref), None)
+    new_ref = next(r for r in new["models"] if r["name"] == ref)
+    if old_ref is None:
+        raise ValueError(f"the earlier report has no {ref!r} row")
+    if abs(old_ref["test_mean_roc_auc"] - new_ref["test_mean_roc_auc"]) > 1e-9:
+        raise ValueError(f"the reference {ref!r} is another model: test mean ROC AUC {old_ref['test_mean_roc_auc']:.6f} "
+                         f"in the earlier report, {new_ref['test_mean_roc_auc']:.6f} in this run")
+    added = {r["name"]: dict(r, reference_serving_comments_per_s=new_ref["serving_comments_per_s"])
+             for r in new["models"] if r["name"] != ref}
+    models = [added.pop(r["name"], r) for r in earlier["models"]] + list(added.values())
+    return dict(earlier, models=models)
 
 
 def draw_chart(report: dict, path: Path) -> None:
