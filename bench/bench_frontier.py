@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_into:
         try:
             earlier = json.loads(args.merge_into.read_text())
+            # What can be checked before the measurement is, so a refusal does not cost one.
+            merge_reports(earlier, {"reference": args.reference, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+                                    "test_rows": earlier.get("test_rows") if isinstance(earlier, dict) else None, "models": []})
         except (OSError, ValueError) as e:
             parser.error(f"--merge-into {args.merge_into}: {e}")
 
@@ -209,20 +212,25 @@ def merge_reports(earlier: dict, new: dict) -> dict:
     machine is comparable only within one run. Refused (ValueError) when the two runs' settings
     or reference models differ: scoring is deterministic, so the same reference model has the
     same test score to the last digit."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("models"), list) \
+            or not all(isinstance(r, dict) and isinstance(r.get("test_mean_roc_auc"), float) for r in earlier["models"]):
+        raise ValueError("not a report this script wrote (an object whose models are rows with a test mean ROC AUC)")
     for key in ("reference", "test_rows", "batch_size", "cpus"):
         if earlier.get(key) != new.get(key):
             raise ValueError(f"{key} differs: {earlier.get(key)!r} in the earlier report, {new.get(key)!r} in this run")
     ref = new["reference"]
-    old_ref = next((r for r in earlier["models"] if r["name"] == ref), None)
-    new_ref = next(r for r in new["models"] if r["name"] == ref)
+    old_ref = next((r for r in earlier["models"] if r.get("name") == ref), None)
     if old_ref is None:
         raise ValueError(f"the earlier report has no {ref!r} row")
+    new_ref = next((r for r in new["models"] if r["name"] == ref), None)
+    if new_ref is None:  # the check before measuring: settings and the reference row only
+        return earlier
     if abs(old_ref["test_mean_roc_auc"] - new_ref["test_mean_roc_auc"]) > 1e-9:
         raise ValueError(f"the reference {ref!r} is another model: test mean ROC AUC {old_ref['test_mean_roc_auc']:.6f} "
                          f"in the earlier report, {new_ref['test_mean_roc_auc']:.6f} in this run")
     added = {r["name"]: dict(r, reference_serving_comments_per_s=new_ref["serving_comments_per_s"])
              for r in new["models"] if r["name"] != ref}
-    models = [added.pop(r["name"], r) for r in earlier["models"]] + list(added.values())
+    models = [added.pop(r.get("name"), r) for r in earlier["models"]] + list(added.values())
     return dict(earlier, models=models)
 
 

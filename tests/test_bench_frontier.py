@@ -60,3 +60,16 @@ def test_an_earlier_report_without_the_reference_is_refused():
     earlier = dict(EARLIER, models=[r for r in EARLIER["models"] if r["name"] != "default"])
     with pytest.raises(ValueError, match="no 'default' row"):
         merge_reports(earlier, new_run())
+
+
+@pytest.mark.parametrize("earlier", [[], {"models": None}, {"models": [1]}, dict(EARLIER, models=[{"name": "default"}])])
+def test_a_file_that_is_not_a_report_is_refused_in_one_line(earlier):
+    with pytest.raises(ValueError, match="not a report"):
+        merge_reports(earlier, new_run())
+
+
+def test_the_check_before_measuring_refuses_other_settings_and_accepts_the_same():
+    settings = {"reference": "default", "test_rows": 5345, "batch_size": 32, "cpus": 2, "models": []}
+    assert merge_reports(EARLIER, settings) == EARLIER
+    with pytest.raises(ValueError, match="batch_size"):
+        merge_reports(EARLIER, dict(settings, batch_size=8))
